@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, pinned: a bare `torch` requirement would pull the newest release with gigabytes of CUDA packages.
+TORCH_SPEC ?= torch==2.13.0
+DATA_DIR ?= data
+STAMP := $(VENV)/.robustune-installed
+
+.PHONY: setup data demo test test-slow benchmark clean help
+
+help:
+	@echo "make demo       set up, get Fashion-MNIST, train fgsm_rs on Ray Train and log it to MLflow"
+	@echo "make test       set up, get Fashion-MNIST, run the tests"
+	@echo "make test-slow  the longer accuracy checks (real training on Fashion-MNIST)"
+	@echo "make benchmark  Ray Train + MLflow overhead per epoch versus a bare loop"
+	@echo "make setup      only create $(VENV) and install the project"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data:
+	bash scripts/get_fashion_mnist.sh $(DATA_DIR)
+
+demo: setup data
+	$(VENV)/bin/robustune train fgsm_rs --set epsilon=0.1
+
+test: setup data
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup data
+	$(PY) -m pytest -q -m slow
+
+benchmark: setup data
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) runs mlflow.db mlartifacts .pytest_cache

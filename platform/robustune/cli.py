@@ -1,0 +1,118 @@
+"""The `robustune` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+import yaml
+
+EPILOG_TRAIN = textwrap.dedent("""\
+    examples:
+      robustune train fgsm_rs --set epsilon=0.1 --set train.epochs=3
+      robustune train pgd --set method.steps=7 --set data.train_subset=10000
+      robustune train eae --set train.init_from=runs/standard-.../final.pt
+      robustune train --resume runs/fgsm_rs-fashion-mnist-20261121-101500-ab12
+      robustune train pgd --config my.yaml --print-config
+
+    Keys are dotted paths into the config (see --print-config): method.<field>, model.<kwarg>, epsilon,
+    seed, data.*, train.*, validation.*, eval.*, resources.*, tracking.*. Epsilon and step sizes accept
+    fractions such as 8/255. Results go to MLflow ($MLFLOW_TRACKING_URI, default ./mlflow.db).
+""")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="robustune",
+        description="Train, tune and compare fast adversarial-training defenses on Ray, tracked in MLflow.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    train = commands.add_parser(
+        "train", help="train one defense on Ray Train, evaluate it on the test split, log it to MLflow",
+        description="Train one defense on Ray Train; validate every epoch on held-out data; evaluate the "
+                    "selected weights on the test split (clean, PGD, AutoAttack); log everything to MLflow.",
+        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("method", nargs="?", help="defense to train (`robustune methods` lists them)")
+    train.add_argument("--config", action="append", default=[], metavar="FILE",
+                       help="YAML config file; repeat to layer several (later wins)")
+    train.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                       help="override one setting, e.g. --set train.epochs=3 (repeatable)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue an interrupted run from its last checkpoint, in the same MLflow run")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (defaults filled in) and exit without training")
+
+    commands.add_parser("methods", help="list the defenses with their cost and one-line description",
+                        description="List every registered defense: name, cost in forward/backward passes "
+                                    "per batch (standard training is 1F1B), and what it does.")
+    return parser
+
+
+def command_methods() -> int:
+    from robustune.defense import create_defense, list_defenses
+
+    rows = []
+    for name in list_defenses():
+        defense = create_defense(name)
+        rows.append((name, str(defense.cost()), type(defense).summary))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'method':<{width}}  {'cost':>8}  description")
+    for name, cost, summary in rows:
+        print(f"{name:<{width}}  {cost:>8}  {summary}")
+    return 0
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from robustune.config import load_config
+    from robustune.training import run_training
+
+    if args.resume:
+        if args.method or args.config or args.overrides:
+            raise SystemExit("robustune train: --resume continues a run with its own saved config; "
+                             "drop the method, --config and --set arguments")
+        outcome = run_training(resume_dir=args.resume)
+    else:
+        if not args.method:
+            raise SystemExit("robustune train: name a method (see `robustune methods`), or --resume RUN_DIR")
+        config = load_config(args.method, args.config, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+            return 0
+        outcome = run_training(config)
+    report = outcome.report
+    print()
+    print(f"done: test clean {report['clean_acc']:.4f}, PGD-{report['pgd']['steps']} {report['pgd_acc']:.4f}, "
+          + (f"AutoAttack ({report['autoattack']['version']}) {report['aa_acc']:.4f}"
+             if report.get("aa_acc") is not None else "AutoAttack not run"))
+    print(f"MLflow run {outcome.run_id} at {outcome.tracking_uri}")
+    print(f"  see it with: mlflow ui --backend-store-uri {outcome.tracking_uri}   (then open http://127.0.0.1:5000)")
+    print(f"  run folder: {outcome.run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from robustune.checkpoints import CheckpointError
+    from robustune.config import ConfigError
+    from robustune.data import DataError
+    from robustune.models import ModelError
+    from robustune.training import TrainingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "methods":
+            return command_methods()
+        if args.command == "train":
+            return command_train(args)
+    except (ConfigError, DataError, ModelError, CheckpointError, TrainingError) as error:
+        print(f"robustune {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"robustune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The training loop itself, without Ray: schedules, learning, alarm, state round trip, NaN handling."""
+
+import pytest
+import torch
+
+from robustune.config import TrainConfig, load_config
+from robustune.defense import StepResult
+from robustune.training import NonFiniteLossError, TrainingLoop, learning_rate
+
+SYNTHETIC = ["data.name=synthetic", "data.val_size=500", "validation.examples=200", "train.batch_size=64"]
+
+
+def make_loop(method="fgsm_rs", *overrides):
+    return TrainingLoop(load_config(method, overrides=SYNTHETIC + list(overrides)), log=lambda _: None)
+
+
+def test_schedules():
+    total = 100
+    cyclic = [learning_rate(TrainConfig(lr=0.2, lr_peak_fraction=0.4), s, total) for s in range(total)]
+    assert max(cyclic) == pytest.approx(0.2) and cyclic.index(max(cyclic)) == 39
+    assert cyclic[0] > 0 and cyclic[-1] == pytest.approx(0.0)
+    step = [learning_rate(TrainConfig(lr=0.1, schedule="multistep", milestones=[0.5, 0.75]), s, total)
+            for s in (0, 60, 90)]
+    assert step == pytest.approx([0.1, 0.01, 0.001])
+    cosine = [learning_rate(TrainConfig(lr=0.1, schedule="cosine"), s, total) for s in (0, 49, 99)]
+    assert cosine[0] == pytest.approx(0.1, rel=1e-2) and cosine[1] == pytest.approx(0.05) and cosine[2] < 1e-9
+
+
+def test_loop_learns_synthetic_and_records_metrics():
+    loop = make_loop("fgsm_rs", "train.epochs=2")
+    metrics = [loop.run_epoch() for _ in range(2)]
+    assert loop.finished and loop.epoch == 2 and len(loop.history) == 2
+    for key in ("train/loss", "train/acc", "train/clean_acc", "val/clean_acc", "val/pgd_acc",
+                "time/epoch_s", "time/total_s", "alarm/overfit"):
+        assert key in metrics[-1]
+    assert metrics[-1]["val/clean_acc"] > 0.8
+    assert metrics[-1]["val/pgd_acc"] <= metrics[-1]["val/clean_acc"]
+    assert loop.best_epoch in (1, 2) and loop.best_weights is not None
+
+
+def test_state_round_trip_resumes_identically():
+    """Two epochs straight equal one epoch, a save/load into a fresh loop, and another epoch."""
+    straight = make_loop("fgsm_rs", "train.epochs=2")
+    straight.run_epoch()
+    straight.run_epoch()
+
+    first = make_loop("fgsm_rs", "train.epochs=2")
+    first.run_epoch()
+    state = first.state_dict()
+    resumed = make_loop("fgsm_rs", "train.epochs=2")
+    resumed.load_state_dict(state, "test")
+    resumed.run_epoch()
+    for key, value in straight.model.state_dict().items():
+        assert torch.allclose(value, resumed.model.state_dict()[key], atol=1e-6), key
+    assert resumed.history[-1]["val/pgd_acc"] == straight.history[-1]["val/pgd_acc"]
+
+
+def test_overfit_alarm_and_early_stop_keep_best_weights():
+    loop = make_loop("standard", "train.epochs=5", "train.early_stop_on_overfit=true")
+    loop.run_epoch()
+    best = {k: v.clone() for k, v in loop.model.state_dict().items()}
+    # Simulate a collapse: the validation PGD accuracy falls far below its best.
+    loop.best_val_pgd = 1.0
+    loop.best_weights = best
+    metrics = loop.run_epoch()
+    assert metrics["alarm/overfit"] == 1.0 and loop.stop_reason == "overfit" and loop.finished
+    assert all(torch.equal(best[k], v) for k, v in loop.final_weights().items())
+
+
+def test_non_finite_loss_fails_cleanly():
+    loop = make_loop("standard", "train.epochs=1")
+    loop.defense.loss = lambda model, x, y, idx, step: StepResult(torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(NonFiniteLossError, match="loss became nan at epoch 1"):
+        loop.run_epoch()
+
+
+def test_warm_start_from_checkpoint(tmp_path):
+    from robustune.checkpoints import save_checkpoint
+
+    source = make_loop("standard", "train.epochs=1")
+    source.run_epoch()
+    save_checkpoint({"model": source.model.state_dict()}, tmp_path / "final.pt")
+    warm = make_loop("standard", f"train.init_from={tmp_path / 'final.pt'}")
+    for key, value in source.model.state_dict().items():
+        assert torch.equal(value, warm.model.state_dict()[key])
