@@ -242,6 +242,15 @@ def resolve_data_dir(name: str, data_dir: str | os.PathLike[str] | None = None) 
     return found
 
 
+def check_available(name: str, data_dir: str | os.PathLike[str] | None = None, download: bool = False) -> None:
+    """Fail fast (DataError) when a dataset's files are missing and will not be downloaded.
+
+    Called before any run starts, so a wrong --data-dir costs seconds, not a Ray start-up."""
+    if name == "synthetic" or download:
+        return
+    resolve_data_dir(name, data_dir)
+
+
 # --------------------------------------------------------------------------------------------
 # File formats
 # --------------------------------------------------------------------------------------------

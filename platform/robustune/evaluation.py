@@ -355,20 +355,18 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon: float
 
 def format_report(report: dict) -> str:
     """A few lines naming each attack, its steps/restarts, epsilon and the number of points."""
-    pgd_cfg = report["pgd"]
-    lines = [
-        f"eps {report['epsilon']:.4f} ({report['norm']}), seed {report['seed']}",
-        f"  clean                 {report['clean_acc']:.4f} ({report['n_clean']} pts)",
-        f"  PGD-{pgd_cfg['steps']}x{pgd_cfg['restarts']}"
-        f" (alpha {pgd_cfg['alpha']:.4f}, {pgd_cfg['loss'].upper()})"
-        f"  {report['pgd_acc']:.4f} ({report['n_pgd']} pts)",
-    ]
-    aa = report["autoattack"]
+    pgd_cfg, aa = report["pgd"], report["autoattack"]
+    rows = [("clean", f"{report['clean_acc']:.4f} ({report['n_clean']} pts)"),
+            (f"PGD-{pgd_cfg['steps']}x{pgd_cfg['restarts']} (alpha {pgd_cfg['alpha']:.4f}, {pgd_cfg['loss'].upper()})",
+             f"{report['pgd_acc']:.4f} ({report['n_pgd']} pts)")]
     if report["aa_acc"] is None:
-        lines.append("  AutoAttack            not run")
+        rows.append(("AutoAttack", "not run"))
     else:
-        lines.append(f"  AutoAttack {aa['version']} [{', '.join(aa['attacks'])}]  {report['aa_acc']:.4f} "
-                     f"({report['n_aa']} pts; clean {report['aa_clean_acc']:.4f} on these)")
+        rows.append((f"AutoAttack {aa['version']} [{', '.join(aa['attacks'])}]",
+                     f"{report['aa_acc']:.4f} ({report['n_aa']} pts; clean {report['aa_clean_acc']:.4f} on these)"))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"eps {report['epsilon']:.4f} ({report['norm']}), seed {report['seed']}"]
+    lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
     if report["warnings"]:
         lines.append(f"  warnings ({len(report['warnings'])}): " + "; ".join(report["warnings"]))
     return "\n".join(lines)

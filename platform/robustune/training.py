@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import secrets
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from robustune.attacks import pgd
 from robustune.checkpoints import (STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint,
                                    model_weights_from, save_checkpoint)
 from robustune.config import Config, ConfigError, TrainConfig, resolve_config
-from robustune.data import ArrayDataset, BatchLoader, load_dataset
+from robustune.data import ArrayDataset, BatchLoader, check_available, load_dataset
 from robustune.defense import DefenseContext, StepResult, average_gradients, create_defense
 from robustune.models import create_model
 
@@ -289,6 +290,12 @@ def format_epoch(metrics: dict[str, float], epochs: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ worker
+def write_line(text: str) -> None:
+    # Not print(): Ray Train patches print in workers and the driver would show every line twice.
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function."""
     import ray.train
@@ -309,7 +316,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
     is_chief = rank == 0
-    log = (lambda text: print(text, flush=True)) if is_chief else (lambda text: None)
+    log = write_line if is_chief else (lambda text: None)
     uri, run_id, run_dir = config.tracking.tracking_uri, loop_config["run_id"], Path(loop_config["run_dir"])
 
     loop = TrainingLoop(config, rank=rank, world_size=world_size, device=device, log=log)
@@ -351,7 +358,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     run_dir / FINAL_MODEL_FILE)
     (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     test_metrics = {"test/clean_acc": report["clean_acc"], "test/pgd_acc": report["pgd_acc"],
-                    "test/aa_acc": report["aa_acc"], "time/total_s": loop.total_seconds}
+                    "test/aa_acc": report["aa_acc"]}
     tracking.log_metrics(uri, run_id, test_metrics, step=loop.epoch)
     tracking.log_dict(uri, run_id, report, "eval/report.json")
     tracking.log_file(uri, run_id, run_dir / FINAL_MODEL_FILE, "checkpoint")
@@ -400,8 +407,6 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
-    # Ray Train V2 would echo every worker print a second time through its own logger.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
 
 
@@ -462,6 +467,7 @@ def run_training(config: Config | None = None, *, resume_dir: str | Path | None 
         log(f"resuming run {run_dir.name} (MLflow run {run_id})")
     else:
         assert config is not None, "run_training needs a config or a resume_dir"
+        check_available(config.data.name, config.data.data_dir, config.data.download)
         config, run_id, run_dir = prepare_run(config, extra_tags, parent_run_id)
         log(f"run {run_dir.name}: MLflow run {run_id} in experiment '{config.tracking.experiment}' "
             f"at {config.tracking.tracking_uri}")

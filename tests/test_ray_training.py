@@ -1,0 +1,154 @@
+"""Integration: real local Ray, real MLflow store, the real CLI; synthetic data unless the test says otherwise."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from robustune.config import load_config
+from robustune.training import run_training
+
+from conftest import REPO, fashion_mnist_dir
+
+EPOCH_METRICS = ["train/loss", "train/acc", "train/clean_acc", "val/clean_acc", "val/pgd_acc",
+                 "time/epoch_s", "time/total_s", "alarm/overfit"]
+SMALL = ["data.name=synthetic", "data.val_size=500", "validation.examples=200", "data.test_subset=200",
+         "eval.autoattack_points=40", "train.batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def small_config(tmp_path, mlflow_uri, method="fgsm_rs", *overrides):
+    return load_config(method, overrides=SMALL + [f"tracking.tracking_uri={mlflow_uri}",
+                                                  f"tracking.output_dir={tmp_path / 'runs'}", *overrides])
+
+
+def steps_of(client, run_id, key):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_training_run_is_tracked_in_mlflow(local_ray, tmp_path, mlflow_uri):
+    outcome = run_training(small_config(tmp_path, mlflow_uri, "fgsm_rs", "train.epochs=2"), log=lambda _: None)
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    for key in EPOCH_METRICS:
+        assert steps_of(client, outcome.run_id, key) == [1, 2], key
+    for key in ("test/clean_acc", "test/pgd_acc", "test/aa_acc"):
+        assert key in run.data.metrics
+    assert run.data.metrics["test/pgd_acc"] <= run.data.metrics["test/clean_acc"]
+    assert {"method": "fgsm_rs", "dataset": "synthetic", "model": "small_cnn", "seed": "0"}.items() <= run.data.tags.items()
+    assert float(run.data.tags["epsilon"]) == pytest.approx(0.05)
+    assert run.data.params["method.alpha_ratio"] == "1.25" and run.data.params["train.epochs"] == "2"
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"config.yaml", "eval", "checkpoint"} <= artifacts
+    report = json.loads(Path(client.download_artifacts(outcome.run_id, "eval/report.json", str(tmp_path))).read_text())
+    assert report["pgd"]["steps"] == 20 and report["n_aa"] == 40
+    assert report["autoattack"]["attacks"] == ["apgd-ce", "apgd-t"]
+    assert report == outcome.report
+
+
+def test_two_workers_log_one_run(local_ray, tmp_path, mlflow_uri):
+    config = small_config(tmp_path, mlflow_uri, "fgsm_rs", "train.epochs=1", "resources.num_workers=2",
+                          "resources.cpus_per_worker=1", "eval.autoattack=none")
+    outcome = run_training(config, log=lambda _: None)
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("robustune").experiment_id])
+    assert [r.info.run_id for r in runs] == [outcome.run_id]
+    assert steps_of(client, outcome.run_id, "val/pgd_acc") == [1]
+    assert outcome.report["clean_acc"] > 0.5
+
+
+def test_nan_loss_fails_the_run_cleanly(local_ray, tmp_path, mlflow_uri):
+    from robustune.training import TrainingError
+
+    config = small_config(tmp_path, mlflow_uri, "standard", "train.epochs=1", "train.lr=1e30",
+                          "train.momentum=0.0", "eval.autoattack=none")
+    with pytest.raises(TrainingError, match="loss became (nan|inf)"):
+        run_training(config, log=lambda _: None)
+    run = MlflowClient(mlflow_uri).search_runs([MlflowClient(mlflow_uri).get_experiment_by_name("robustune").experiment_id])[0]
+    assert run.info.status == "FAILED"
+
+
+def robustune_cli(*args, cwd, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "robustune.cli", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+
+def test_killed_run_resumes_in_the_same_mlflow_run(tmp_path, mlflow_uri):
+    """Kill the whole process tree after epoch 2 is logged; --resume continues at epoch 3, same run."""
+    args = ["train", "fgsm_rs", *[f"--set={o}" for o in SMALL], "--set=train.epochs=4",
+            f"--set=tracking.tracking_uri={mlflow_uri}", "--set=eval.autoattack=none",
+            "--set=tracking.run_name=killme"]
+    process = robustune_cli(*args, cwd=tmp_path)
+    client = MlflowClient(mlflow_uri)
+    deadline = time.time() + 300
+    run_id = None
+    while time.time() < deadline:
+        time.sleep(1)
+        assert process.poll() is None, process.stdout.read()
+        if run_id is None and (tmp_path / "runs" / "killme" / "run.json").exists():
+            run_id = json.loads((tmp_path / "runs" / "killme" / "run.json").read_text())["run_id"]
+        if run_id and 2 in steps_of(client, run_id, "val/pgd_acc"):
+            break
+    else:
+        pytest.fail("epoch 2 never reached MLflow")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    resumed = robustune_cli("train", "--resume", str(tmp_path / "runs" / "killme"), cwd=tmp_path)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert "after epoch 2" in output and "epoch 3/4" in output and "epoch 1/4" not in output
+    assert steps_of(client, run_id, "val/pgd_acc") == [1, 2, 3, 4]
+    assert steps_of(client, run_id, "train/loss") == [1, 2, 3, 4]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name("robustune").experiment_id])) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "nope"], "unknown method 'nope'"),
+    (["train", "pgd", "--set", "epsilon=2"], "epsilon must be in [0, 1]"),
+    (["train", "pgd", "--set", "train.lr=fast"], "train.lr: expected a number"),
+    (["train", "pgd", "--set", "data.data_dir=/nonexistent/fmnist"], "/nonexistent/fmnist"),
+    (["train", "--resume", "/nonexistent/run"], "not a robustune run folder"),
+])
+def test_cli_refuses_bad_input_before_any_work(tmp_path, args, message):
+    result = subprocess.run([sys.executable, "-m", "robustune.cli", *args], cwd=tmp_path, text=True,
+                            capture_output=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_cli_help_and_methods(tmp_path):
+    for args in (["--help"], ["train", "--help"], ["methods", "--help"]):
+        result = subprocess.run([sys.executable, "-m", "robustune.cli", *args], text=True, capture_output=True)
+        assert result.returncode == 0 and "usage" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "robustune.cli", "methods"], text=True, capture_output=True)
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:2] == ["pgd", "11F11B"] for line in lines)
+    assert any(line.split()[:2] == ["standard", "1F1B"] for line in lines)
+
+
+def test_fashion_mnist_end_to_end(local_ray, tmp_path, mlflow_uri):
+    """Real data through the whole path: Fashion-MNIST subset, one epoch, evaluation with AutoAttack."""
+    config = load_config("fgsm_rs", overrides=[
+        f"data.data_dir={fashion_mnist_dir()}", "data.train_subset=3000", "data.test_subset=500",
+        "train.epochs=1", "validation.examples=300", "eval.autoattack_points=30",
+        f"tracking.tracking_uri={mlflow_uri}", f"tracking.output_dir={tmp_path / 'runs'}"])
+    outcome = run_training(config, log=lambda _: None)
+    assert outcome.report["n_clean"] == 500 and outcome.report["epsilon"] == pytest.approx(0.1)
+    assert outcome.report["clean_acc"] > 0.4  # ten classes; chance is 0.1
