@@ -60,7 +60,7 @@ def test_overfit_alarm_and_early_stop_keep_best_weights():
     loop.run_epoch()
     best = {k: v.clone() for k, v in loop.model.state_dict().items()}
     # Simulate a collapse: the validation PGD accuracy falls far below its best.
-    loop.best_val_pgd = 1.0
+    loop.best_alarm_metric = 1.0
     loop.best_weights = best
     metrics = loop.run_epoch()
     assert metrics["alarm/overfit"] == 1.0 and loop.stop_reason == "overfit" and loop.finished

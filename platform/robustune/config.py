@@ -157,7 +157,8 @@ class TrainConfig:
     init_from: Optional[str] = None  # warm start: model weights from a robustune checkpoint file or run folder
     keep_best: bool = True  # final weights = the epoch with the best validation PGD accuracy
     early_stop_on_overfit: bool = False  # stop when the overfitting alarm fires (weights of the best epoch kept)
-    overfit_drop: float = 0.2  # alarm when validation PGD accuracy falls this much below its best so far
+    overfit_drop: float = 0.2  # alarm when the overfit metric falls this much below its best so far
+    overfit_metric: str = "val/pgd_acc"  # any per-epoch metric, e.g. a defense's own robustness estimate
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -192,6 +193,7 @@ class ValidationConfig:
 class EvalConfig:
     """Final evaluation on the test split, once training ends."""
 
+    enabled: bool = True  # search trials turn it off: a search never touches the test split
     pgd_steps: int = 20
     pgd_restarts: int = 1
     pgd_alpha_ratio: float = 0.25  # PGD step size in units of epsilon

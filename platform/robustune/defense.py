@@ -56,6 +56,13 @@ class DefenseContext:
         """Average gradients over data-parallel workers; a defense calls it for its own auxiliary nets."""
         average_gradients(parameters, self.world_size)
 
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum `tensor` in place over workers (e.g. to merge per-example buffers each worker filled for
+        its own shard, so every worker and the checkpoint hold the whole buffer). No-op on one worker."""
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
 
 @dataclass
 class StepResult:
@@ -89,6 +96,16 @@ class Defense:
         result = self.loss(model, x, y, idx, step)
         update(result.loss)
         return result
+
+    def epochs_for(self, budget_epochs: int) -> int:
+        """Epochs to run for a budget of `budget_epochs` standard-length epochs (Free-AT replays each batch
+        m times, so it runs budget/m epochs)."""
+        return budget_epochs
+
+    def inference_model(self, model: nn.Module) -> nn.Module:
+        """The model as deployed: a test-time defense (ATLD's IMT) wraps it, and every validation and test
+        attack then goes through the wrapper, never around it."""
+        return model
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
         """Metrics to log for the epoch (names without prefix; logged as train/<name>)."""

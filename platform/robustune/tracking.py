@@ -70,8 +70,6 @@ def run_tags(config: Config) -> dict[str, str]:
 def create_run(config: Config, run_name: str, extra_tags: dict[str, str] | None = None,
                parent_run_id: str | None = None) -> str:
     """Create the MLflow run with tags, every resolved config value as a param and the config as YAML."""
-    from mlflow.entities import Param, RunTag
-
     uri = config.tracking.tracking_uri
     mlflow_client = client(uri)
     tags = {**run_tags(config), **(extra_tags or {}), "mlflow.runName": run_name}
@@ -79,11 +77,17 @@ def create_run(config: Config, run_name: str, extra_tags: dict[str, str] | None 
         tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow_client.create_run(experiment_id(uri, config.tracking.experiment), run_name=run_name, tags=tags)
     run_id = run.info.run_id
-    params = [Param(key, _param_value(value)) for key, value in flatten(config.to_dict()).items()]
-    for start in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
-        mlflow_client.log_batch(run_id, params=params[start:start + 100])
+    log_params(uri, run_id, flatten(config.to_dict()))
     log_text(uri, run_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
     return run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    batch = [Param(key, _param_value(value)) for key, value in params.items()]
+    for start in range(0, len(batch), 100):  # MLflow accepts at most 100 params per batch
+        client(uri).log_batch(run_id, params=batch[start:start + 100])
 
 
 def _param_value(value: Any) -> str:

@@ -88,15 +88,14 @@ class TrainingLoop:
                                    train_subset=config.data.train_subset, test_subset=config.data.test_subset,
                                    seed=config.seed, download=config.data.download)
         self.info = self.splits.info
-        if self.splits.val is None:
-            raise ConfigError("data.val_size is 0, but training validates every epoch on held-out data; "
-                              "set data.val_size > 0 (the test split is never used for this)")
         augment = self.info.augment if config.data.augment is None else config.data.augment
         self.train_loader = BatchLoader(self.splits.train, batch_size=max(1, train.batch_size // world_size),
                                         shuffle=True, augment=augment, seed=config.seed, rank=rank,
                                         world_size=world_size, device=self.device)
         self.steps_per_epoch = len(self.train_loader)
-        self.total_steps = self.steps_per_epoch * train.epochs
+        self.defense = create_defense(config.method_name, config.method_params)
+        self.epochs = self.defense.epochs_for(train.epochs)
+        self.total_steps = self.steps_per_epoch * self.epochs
 
         torch.manual_seed(config.seed)  # identical initial weights on every worker
         self.model = create_model(config.model_name, num_classes=self.info.num_classes,
@@ -106,20 +105,24 @@ class TrainingLoop:
             self.load_model_weights(model_weights_from(train.init_from), train.init_from)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=train.lr, momentum=train.momentum,
                                          weight_decay=train.weight_decay)
-        self.defense = create_defense(config.method_name, config.method_params)
         self.defense.setup(self.model, DefenseContext(
             epsilon=config.epsilon, num_classes=self.info.num_classes, input_shape=self.info.input_shape,
-            num_train_examples=len(self.splits.train), epochs=train.epochs, steps_per_epoch=self.steps_per_epoch,
+            num_train_examples=len(self.splits.train), epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
             device=self.device, rank=rank, world_size=world_size, seed=config.seed))
 
-        self.val_images, self.val_labels = fixed_slice(self.splits.val, config.validation.examples, rank, world_size)
+        # data.val_size=0 (a refit on training + validation data): no validation, the last epoch is kept.
+        self.has_validation = self.splits.val is not None
+        if self.has_validation:
+            self.val_images, self.val_labels = fixed_slice(self.splits.val, config.validation.examples, rank,
+                                                           world_size)
         self.train_images, self.train_labels = fixed_slice(self.splits.train, TRAIN_CLEAN_EXAMPLES, rank, world_size)
 
         self.epoch = 0  # completed epochs
         self.global_step = 0
         self.history: list[dict[str, float]] = []
         self.best_epoch = 0
-        self.best_val_pgd = -1.0
+        self.best_val_pgd = -1.0  # model selection: best validation PGD accuracy
+        self.best_alarm_metric = float("-inf")
         self.best_weights: dict[str, Tensor] | None = None
         self.total_seconds = 0.0
         self.stop_reason = "completed"
@@ -140,7 +143,8 @@ class TrainingLoop:
             "optimizer": self.optimizer.state_dict(),
             "defense": self.defense.state_dict(),
             "history": self.history,
-            "best": {"epoch": self.best_epoch, "val_pgd_acc": self.best_val_pgd, "model": self.best_weights},
+            "best": {"epoch": self.best_epoch, "val_pgd_acc": self.best_val_pgd, "model": self.best_weights,
+                     "alarm_metric": self.best_alarm_metric},
             "total_seconds": self.total_seconds,
             "stop_reason": self.stop_reason,
             "config": self.config.to_dict(),
@@ -154,6 +158,7 @@ class TrainingLoop:
         self.history = list(state["history"])
         self.best_epoch, self.best_val_pgd = state["best"]["epoch"], state["best"]["val_pgd_acc"]
         self.best_weights = state["best"]["model"]
+        self.best_alarm_metric = state["best"]["alarm_metric"]
         self.total_seconds = state["total_seconds"]
         self.stop_reason = state["stop_reason"]
 
@@ -221,7 +226,9 @@ class TrainingLoop:
                 buffer /= self.world_size
 
     def _count_correct(self, images: Tensor, labels: Tensor, attack: bool) -> tuple[float, float]:
-        """(correct, total) over a fixed slice, clean or under the validation PGD."""
+        """(correct, total) over a fixed slice, clean or under the validation PGD (through the deployed
+        model, so a test-time defense is attacked as a whole)."""
+        model = self.defense.inference_model(self.model)
         correct, batch_size = 0, self.config.eval.batch_size
         eps = self.config.epsilon
         validation = self.config.validation
@@ -229,9 +236,9 @@ class TrainingLoop:
             x = images[start:start + batch_size].to(self.device).float().div_(255)
             y = labels[start:start + batch_size].to(self.device)
             if attack:
-                x = pgd(self.model, x, y, eps, alpha=validation.pgd_alpha_ratio * eps, steps=validation.pgd_steps)
+                x = pgd(model, x, y, eps, alpha=validation.pgd_alpha_ratio * eps, steps=validation.pgd_steps)
             with torch.no_grad():
-                correct += int((self.model(x).argmax(1) == y).sum())
+                correct += int((model(x).argmax(1) == y).sum())
         return float(correct), float(len(labels))
 
     def validate(self) -> dict[str, float]:
@@ -240,12 +247,15 @@ class TrainingLoop:
         # Fixed generator state so validation noise does not depend on training progress.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed + 7919 + self.rank)
-            counts = [*self._count_correct(self.val_images, self.val_labels, attack=False),
-                      *self._count_correct(self.val_images, self.val_labels, attack=True),
-                      *self._count_correct(self.train_images, self.train_labels, attack=False)]
+            counts = [*self._count_correct(self.train_images, self.train_labels, attack=False)]
+            if self.has_validation:
+                counts += [*self._count_correct(self.val_images, self.val_labels, attack=False),
+                           *self._count_correct(self.val_images, self.val_labels, attack=True)]
         c = self._all_reduce(counts)
-        return {"val/clean_acc": c[0] / c[1], "val/pgd_acc": c[2] / c[3], "train/clean_acc": c[4] / c[5],
-                "time/val_s": time.perf_counter() - started}
+        metrics = {"train/clean_acc": c[0] / c[1], "time/val_s": time.perf_counter() - started}
+        if self.has_validation:
+            metrics.update({"val/clean_acc": c[2] / c[3], "val/pgd_acc": c[4] / c[5]})
+        return metrics
 
     def run_epoch(self) -> dict[str, float]:
         """Train and validate one epoch; update best weights, the alarm and the history."""
@@ -255,11 +265,17 @@ class TrainingLoop:
         metrics.update({f"train/{k}": v for k, v in self.defense.on_epoch_end(self.model, self.epoch).items()})
         metrics.update(self.validate())
         self.epoch += 1
-        val_pgd = metrics["val/pgd_acc"]
-        # Catastrophic overfitting: validation PGD accuracy falls sharply below the best seen so far.
-        alarm = self.best_val_pgd >= 0 and val_pgd < self.best_val_pgd - self.config.train.overfit_drop
+        # Catastrophic overfitting: the watched metric (validation PGD accuracy by default) falls sharply
+        # below the best seen so far. Without validation data a val/ metric cannot be watched.
+        watched = self.config.train.overfit_metric
+        if watched not in metrics and not (watched.startswith("val/") and not self.has_validation):
+            raise ConfigError(f"train.overfit_metric {watched!r} is not a metric of this run; "
+                              f"available: {', '.join(sorted(metrics))}")
+        alarm = watched in metrics and metrics[watched] < self.best_alarm_metric - self.config.train.overfit_drop
+        self.best_alarm_metric = max(self.best_alarm_metric, metrics.get(watched, float("-inf")))
         metrics["alarm/overfit"] = float(alarm)
-        if val_pgd > self.best_val_pgd:
+        val_pgd = metrics.get("val/pgd_acc", -1.0)
+        if self.has_validation and val_pgd > self.best_val_pgd:
             self.best_epoch, self.best_val_pgd = self.epoch, val_pgd
             if self.config.train.keep_best:
                 self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -273,19 +289,27 @@ class TrainingLoop:
 
     @property
     def finished(self) -> bool:
-        return self.epoch >= self.config.train.epochs or self.stop_reason != "completed"
+        return self.epoch >= self.epochs or self.stop_reason != "completed"
+
+    @property
+    def uses_best_weights(self) -> bool:
+        return self.best_weights is not None and (self.config.train.keep_best or self.stop_reason == "overfit")
+
+    @property
+    def selected_epoch(self) -> int:
+        return self.best_epoch if self.uses_best_weights else self.epoch
 
     def final_weights(self) -> dict[str, Tensor]:
         """The best validation epoch's weights when keep_best (or early stop) applies, else the last."""
-        if self.best_weights is not None and (self.config.train.keep_best or self.stop_reason == "overfit"):
-            return self.best_weights
-        return self.model.state_dict()
+        return self.best_weights if self.uses_best_weights else self.model.state_dict()
 
 
 def format_epoch(metrics: dict[str, float], epochs: int) -> str:
+    validation = (f"val clean {metrics['val/clean_acc']:.3f}  val PGD {metrics['val/pgd_acc']:.3f}"
+                  if "val/pgd_acc" in metrics else f"train clean {metrics['train/clean_acc']:.3f} (no validation)")
     line = (f"epoch {int(metrics['epoch'])}/{epochs}  loss {metrics['train/loss']:.4f}  "
-            f"train acc {metrics['train/acc']:.3f}  val clean {metrics['val/clean_acc']:.3f}  "
-            f"val PGD {metrics['val/pgd_acc']:.3f}  {metrics['time/epoch_s']:.1f}s (+{metrics['time/val_s']:.1f}s val)")
+            f"train acc {metrics['train/acc']:.3f}  {validation}  "
+            f"{metrics['time/epoch_s']:.1f}s (+{metrics['time/val_s']:.1f}s val)")
     return line + ("  ALARM: catastrophic overfitting suspected" if metrics["alarm/overfit"] else "")
 
 
@@ -333,7 +357,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     while not loop.finished:
         metrics = loop.run_epoch()
-        log(format_epoch(metrics, config.train.epochs))
+        log(format_epoch(metrics, loop.epochs))
         if is_chief:
             with tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(loop.state_dict(), Path(folder) / STATE_FILE)
@@ -348,22 +372,38 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if loop.stop_reason == "overfit":
         log(f"early stop at epoch {loop.epoch}: overfitting alarm; keeping epoch {loop.best_epoch}'s weights")
     loop.model.load_state_dict(loop.final_weights())
+    summary = {"epochs_run": loop.epoch, "selected_epoch": loop.selected_epoch, "stop_reason": loop.stop_reason,
+               "train_seconds": loop.total_seconds}
+    tracking.set_tag(uri, run_id, "stop_reason", loop.stop_reason)
+    tracking.set_tag(uri, run_id, "selected_epoch", str(loop.selected_epoch))
+    if not config.eval.enabled:
+        (run_dir / REPORT_FILE).write_text(json.dumps({"evaluated": False, **summary}, indent=2))
+        return
     test = loop.splits.test
-    report = evaluate(loop.model, test.images.float().div(255), test.labels, epsilon=config.epsilon,
+    test_images = test.images.float().div(255)
+    deployed = loop.defense.inference_model(loop.model)
+    report = evaluate(deployed, test_images, test.labels, epsilon=config.epsilon,
                       config=config.eval, device=device, seed=config.seed, state_dir=run_dir, log=log)
-    report.update({"epochs_run": loop.epoch, "selected_epoch": loop.best_epoch if config.train.keep_best else loop.epoch,
-                   "stop_reason": loop.stop_reason, "train_seconds": loop.total_seconds})
+    test_metrics = {"test/clean_acc": report["clean_acc"], "test/pgd_acc": report["pgd_acc"],
+                    "test/aa_acc": report["aa_acc"]}
+    if deployed is not loop.model:
+        # A test-time defense: the numbers above attacked the whole pipeline; the bare classifier's follow.
+        report["attacked_through"] = (f"{type(deployed).__name__}: the defense's test-time step is part of the "
+                                      "model every attack saw")
+        log("evaluating the bare classifier (without the test-time step)")
+        bare = evaluate(loop.model, test_images, test.labels, epsilon=config.epsilon, config=config.eval,
+                        device=device, seed=config.seed, state_dir=run_dir / "bare", log=log)
+        report["bare_classifier"] = bare
+        test_metrics.update({"test/bare_clean_acc": bare["clean_acc"], "test/bare_pgd_acc": bare["pgd_acc"],
+                             "test/bare_aa_acc": bare["aa_acc"]})
+    report.update({"evaluated": True, **summary})
     log(format_report(report))
     save_checkpoint({"model": loop.model.state_dict(), "config": config.to_dict(), "report": report},
                     run_dir / FINAL_MODEL_FILE)
     (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
-    test_metrics = {"test/clean_acc": report["clean_acc"], "test/pgd_acc": report["pgd_acc"],
-                    "test/aa_acc": report["aa_acc"]}
     tracking.log_metrics(uri, run_id, test_metrics, step=loop.epoch)
     tracking.log_dict(uri, run_id, report, "eval/report.json")
     tracking.log_file(uri, run_id, run_dir / FINAL_MODEL_FILE, "checkpoint")
-    tracking.set_tag(uri, run_id, "stop_reason", loop.stop_reason)
-    tracking.set_tag(uri, run_id, "selected_epoch", str(report["selected_epoch"]))
     if report.get("warnings"):
         tracking.set_tag(uri, run_id, "eval/warning", "; ".join(report["warnings"])[:5000])
 
@@ -386,7 +426,7 @@ def log_new_epochs(uri: str, run_id: str, records: list[dict[str, float]]) -> No
     """Log epochs MLflow does not have yet: a rerun after a crash never logs an epoch twice."""
     from robustune import tracking
 
-    logged = tracking.logged_steps(uri, run_id, "val/pgd_acc")
+    logged = tracking.logged_steps(uri, run_id, "epoch")
     for record in records:
         if int(record["epoch"]) not in logged:
             tracking.log_metrics(uri, run_id, record, step=int(record["epoch"]))
@@ -454,7 +494,7 @@ def open_run(run_dir: str | Path) -> tuple[Config, str, Path]:
 
 def run_training(config: Config | None = None, *, resume_dir: str | Path | None = None,
                  log: Callable[[str], None] = print, extra_tags: dict[str, str] | None = None,
-                 parent_run_id: str | None = None) -> TrainingOutcome:
+                 parent_run_id: str | None = None, callbacks: list | None = None) -> TrainingOutcome:
     """Train `config` (or continue the run in `resume_dir`) on Ray Train, evaluate, and track it in MLflow."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -487,7 +527,8 @@ def run_training(config: Config | None = None, *, resume_dir: str | Path | None 
                                      resources_per_worker={"CPU": threads}),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=resources.max_failures)),
+                             failure_config=FailureConfig(max_failures=resources.max_failures),
+                             callbacks=callbacks),
     )
     try:
         trainer.fit()

@@ -1,0 +1,464 @@
+"""Search: Ray Tune + Optuna (TPE, seeded) + ASHA over any defense's knobs, tracked in MLflow and Parquet.
+
+Each Tune trial is one training run of the foundation's loop (Ray Train inside the trial, its own MLflow
+child run under the search's parent run); the Train workers' per-epoch reports reach Tune through a
+report callback, so ASHA can stop a hopeless trial after any epoch. Trials validate on the held-out split
+and never evaluate on test. A search folder holds everything needed to resume it:
+
+    <output_dir>/<search name>/
+        search.json        settings, base config, MLflow parent run id
+        space.yaml         the validated space
+        tune/              Ray Tune's experiment state (searcher included), for --resume
+        trials/trial-*/    one training run folder per trial (checkpoints; a resumed trial continues here)
+        results.parquet    one row per trial
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+from ray.tune import Callback
+
+from robustune.config import ConfigError, apply_override, merge, resolve_config
+from robustune.search_space import Distribution, check_samples_resolve, load_space
+
+SEARCH_FILE = "search.json"
+RESULTS_FILE = "results.parquet"
+ROBUST_METRIC = "val/pgd_acc"
+CLEAN_METRIC = "val/clean_acc"
+Objective = Literal["robust", "pareto", "constrained"]
+
+
+@dataclass
+class SearchSettings:
+    defense: str
+    samples: int = 8
+    max_concurrent: int | None = None  # None: as many trials as the cluster's CPUs fit
+    epochs: int | None = None  # per trial; None: the config's train.epochs
+    objective: Objective = "robust"
+    min_clean: float | None = None  # constrained: validation clean accuracy must reach this
+    seed: int = 0
+    searcher: Literal["tpe", "random"] = "tpe"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: float = 2.0
+    include_default: bool = True  # the defense's defaults are the first point evaluated
+    space_file: str | None = None
+
+    def check(self) -> None:
+        if self.samples < 1:
+            raise ConfigError(f"--samples must be >= 1, got {self.samples}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.objective == "constrained" and (self.min_clean is None or not 0 <= self.min_clean <= 1):
+            raise ConfigError("--objective constrained needs --min-clean X with X in [0, 1]")
+        if self.grace_period < 1 or self.reduction_factor <= 1:
+            raise ConfigError("ASHA needs grace_period >= 1 and reduction_factor > 1")
+
+
+def objective_value(metrics: dict[str, Any], min_clean: float | None) -> float:
+    """The scalar Tune and ASHA optimize. Constrained mode: robust accuracy when validation clean accuracy
+    reaches `min_clean`, otherwise below every feasible trial (-1 + how close it came)."""
+    robust = float(metrics.get(ROBUST_METRIC, 0.0))
+    if min_clean is None:
+        return robust
+    clean = float(metrics.get(CLEAN_METRIC, 0.0))
+    return robust if clean >= min_clean else -1.0 + clean / max(min_clean, 1e-9)
+
+
+def _report_callback(min_clean: float | None):
+    """A Ray Train callback that forwards each epoch's rank-0 metrics to Tune, plus the objective."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ObjectiveReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            first = dict(metrics[0])
+            first["objective"] = objective_value(first, min_clean)
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return ObjectiveReport()
+
+
+def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], search_dir: str, parent_run_id: str,
+              search_name: str, min_clean: float | None) -> None:
+    """Tune's trainable: one training run for the sampled knobs (resumed in place after an interruption)."""
+    from ray import tune
+
+    from robustune.training import RUN_FILE, run_training
+
+    trial_id = tune.get_context().get_trial_id()
+    trials_dir = Path(search_dir) / "trials"
+    run_dir = trials_dir / f"trial-{trial_id}"
+    callback = _report_callback(min_clean)
+    quiet = lambda text: None  # noqa: E731 - the search prints its own progress
+    if (run_dir / RUN_FILE).is_file():
+        run_training(resume_dir=run_dir, callbacks=[callback], log=quiet)
+        return
+    data = base
+    for key, value in sampled.items():
+        data = apply_override(data, key.split("."), value)
+    data = merge(data, {"tracking": {"run_name": run_dir.name, "output_dir": str(trials_dir)},
+                        "eval": {"enabled": False}})
+    run_training(resolve_config(data), callbacks=[callback], log=quiet, parent_run_id=parent_run_id,
+                 extra_tags={"search": search_name, "search_trial_id": trial_id})
+
+
+class ProgressPrinter(Callback):
+    """Tune callback: one line per finished trial with counts and the best objective so far."""
+
+    def __init__(self, samples: int):
+        self.samples = samples
+        self.started = time.time()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._print(trials, trial, "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._print(trials, trial, "FAILED")
+
+    def _print(self, trials, trial, what: str) -> None:
+        # Tune may not have marked this trial finished yet when it calls back.
+        finished = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | {trial.trial_id}
+        done = len(finished)
+        running = sum(t.status == "RUNNING" and t.trial_id not in finished for t in trials)
+        scores = [(t.last_result["objective"], t) for t in trials if t.last_result and "objective" in t.last_result]
+        best = max(scores, key=lambda pair: pair[0], default=None)
+        best_text = f"best objective {best[0]:.4f} ({format_params(best[1].config)})" if best else "no result yet"
+        sys.stdout.write(f"[search] trial {trial.trial_id} {what}: {done}/{self.samples} done, {max(running, 0)} "
+                         f"running, {max(0, self.samples - done - max(running, 0))} to go; {best_text}; "
+                         f"{time.time() - self.started:.0f}s\n")
+        sys.stdout.flush()
+
+
+def format_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: dict[str, Any], search_dir: Path,
+                parent_run_id: str, search_name: str, log: Callable[[str], None], restore: bool):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    epochs = base["train"]["epochs"]
+    trainable = tune.with_parameters(run_trial, base=base, search_dir=str(search_dir),
+                                     parent_run_id=parent_run_id, search_name=search_name,
+                                     min_clean=settings.min_clean if settings.objective == "constrained" else None)
+    # The trial itself only waits on its Ray Train workers, which hold the CPUs/GPUs; a token memory
+    # request keeps it schedulable without taking a CPU share the workers need.
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024 * 1024})
+    run_config = tune.RunConfig(name="tune", storage_path=str(search_dir), callbacks=[ProgressPrinter(settings.samples)],
+                                verbose=0, failure_config=tune.FailureConfig(max_failures=0))
+    if restore:
+        return tune.Tuner.restore(str(search_dir / "tune"), trainable, resume_unfinished=True, resume_errored=False)
+
+    if settings.objective == "pareto":
+        metric, mode = ["objective", CLEAN_METRIC], ["max", "max"]
+    else:
+        metric, mode = "objective", "max"
+    sampler = (optuna.samplers.RandomSampler(seed=settings.seed) if settings.searcher == "random"
+               else optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=min(4, settings.samples)))
+    defaults = default_point(settings.defense, space, base) if settings.include_default else None
+    searcher = OptunaSearch(space={k: d.to_optuna() for k, d in space.items()}, metric=metric, mode=mode,
+                            sampler=sampler, points_to_evaluate=[defaults] if defaults else None)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", metric="objective", mode="max", max_t=epochs,
+                               grace_period=min(settings.grace_period, epochs),
+                               reduction_factor=settings.reduction_factor)
+                 if settings.scheduler == "asha" else FIFOScheduler())
+    tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=settings.samples,
+                                  max_concurrent_trials=settings.max_concurrent)
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def default_point(defense: str, space: dict[str, Distribution], base: dict[str, Any]) -> dict[str, Any] | None:
+    """The resolved base config's value for every searched key, if each lies inside its range."""
+    resolved = resolve_config(base).to_dict()
+    point = {}
+    for key, dist in space.items():
+        value: Any = resolved
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        inside = (value in dist.values) if dist.type == "choice" else (
+            value is not None and dist.low <= value <= dist.high)
+        if not inside:
+            return None
+        point[key] = value
+    return point
+
+
+def share_cpus(settings: SearchSettings, base) -> None:
+    """Fill in trials at once and CPUs per worker from the cluster's CPUs, so concurrent trials fit."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    workers = base.resources.num_workers
+    if settings.max_concurrent is None:
+        settings.max_concurrent = max(1, cpus // (workers * (base.resources.cpus_per_worker or 1)))
+    if base.resources.cpus_per_worker is None:
+        base.resources.cpus_per_worker = max(1, cpus // (settings.max_concurrent * workers))
+
+
+def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Callable[[str], None] = print,
+                 refit: bool = False) -> dict[str, Any]:
+    """Validate everything, create the search folder and MLflow parent run, run the search."""
+    from robustune import tracking
+    from robustune.data import check_available
+    from robustune.training import ensure_ray
+
+    settings.check()
+    base_data = merge(base_data, {"method": {"name": settings.defense}})
+    full_epochs = resolve_config(base_data).train.epochs  # what --refit trains for
+    if settings.epochs is not None:
+        base_data = apply_override(base_data, ["train", "epochs"], settings.epochs)
+    base = resolve_config(base_data)
+    space = load_space(settings.defense, settings.space_file)
+    check_samples_resolve(space, base.to_dict())
+    check_available(base.data.name, base.data.data_dir, base.data.download)
+
+    base.tracking.tracking_uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
+    base.tracking.output_dir = str(Path(base.tracking.output_dir).resolve())
+    search_name = base.tracking.run_name or f"search-{settings.defense}-{time.strftime('%Y%m%d-%H%M%S')}"
+    search_dir = Path(base.tracking.output_dir) / search_name
+    if search_dir.exists():
+        raise ConfigError(f"search folder {search_dir} already exists; continue it with --resume {search_dir}")
+    base.tracking.run_name = None
+    uri = base.tracking.tracking_uri
+
+    ensure_ray()
+    share_cpus(settings, base)
+    parent_run_id = tracking.create_run(base, search_name, extra_tags={"kind": "search", "search": search_name})
+    tracking.log_params(uri, run_id=parent_run_id,
+                        params={f"search.{k}": v for k, v in asdict(settings).items()})
+    space_text = yaml.safe_dump({k: {key: value for key, value in asdict(d).items() if value not in (None, ())}
+                                 for k, d in space.items()}, sort_keys=False)
+    tracking.log_text(uri, parent_run_id, space_text, "search/space.yaml")
+    search_dir.mkdir(parents=True)
+    (search_dir / "space.yaml").write_text(space_text)
+    (search_dir / SEARCH_FILE).write_text(json.dumps({
+        "settings": asdict(settings), "base": base.to_dict(), "parent_run_id": parent_run_id,
+        "search_name": search_name, "refit_epochs": full_epochs}, indent=2))
+    log(f"search {search_name}: {settings.samples} trials of {settings.defense} over "
+        f"{', '.join(space)}; {settings.max_concurrent} at a time; MLflow parent run {parent_run_id}")
+    log(f"search folder {search_dir} (continue an interrupted search with: robustune search --resume {search_dir})")
+    return _run(search_dir, log, restore=False, refit=refit)
+
+
+def resume_search(search_dir: str | Path, log: Callable[[str], None] = print, refit: bool = False) -> dict[str, Any]:
+    from robustune import tracking
+    from robustune.training import ensure_ray
+
+    search_dir = Path(search_dir).resolve()
+    if not (search_dir / SEARCH_FILE).is_file() or not (search_dir / "tune").is_dir():
+        raise ConfigError(f"--resume {search_dir}: not a robustune search folder (no {SEARCH_FILE} or tune/); "
+                          "pass the folder `robustune search` printed at its start")
+    state = json.loads((search_dir / SEARCH_FILE).read_text())
+    ensure_ray()
+    tracking.set_status(state["base"]["tracking"]["tracking_uri"], state["parent_run_id"], "RUNNING")
+    log(f"resuming search {state['search_name']} (MLflow parent run {state['parent_run_id']})")
+    return _run(search_dir, log, restore=True, refit=refit)
+
+
+def _run(search_dir: Path, log: Callable[[str], None], restore: bool, refit: bool) -> dict[str, Any]:
+    from robustune import tracking
+
+    state = json.loads((search_dir / SEARCH_FILE).read_text())
+    settings = SearchSettings(**state["settings"])
+    base, parent_run_id, search_name = state["base"], state["parent_run_id"], state["search_name"]
+    space = load_space(settings.defense, search_dir / "space.yaml")
+    uri = base["tracking"]["tracking_uri"]
+    started = time.time()
+    tuner = _make_tuner(settings, space, base, search_dir, parent_run_id, search_name, log, restore)
+    results = tuner.fit()
+    table = collect_results(results, settings, base, space, search_dir)
+    write_results(table, search_dir / RESULTS_FILE)
+    tracking.log_file(uri, parent_run_id, search_dir / RESULTS_FILE, "search")
+    summary = summarize(table, settings, time.time() - started)
+    best = summary.get("best")
+    if best:
+        tracking.log_params(uri, parent_run_id, {f"best.{k}": v for k, v in best["params"].items()})
+        tracking.log_metrics(uri, parent_run_id, {f"best/{k}": v for k, v in best["metrics"].items()
+                                                  if isinstance(v, (int, float))}, step=0)
+        tracking.set_tag(uri, parent_run_id, "best_trial_id", best["trial_id"])
+        if best.get("run_id"):
+            tracking.set_tag(uri, best["run_id"], "best_trial", "true")
+        best_config = base
+        for key, value in best["params"].items():
+            best_config = apply_override(best_config, key.split("."), value)
+        tracking.log_text(uri, parent_run_id, yaml.safe_dump(best_config, sort_keys=False), "search/best_config.yaml")
+        summary["best_config"] = best_config
+    tracking.log_dict(uri, parent_run_id, {k: v for k, v in summary.items() if k != "best_config"},
+                      "search/summary.json")
+    tracking.set_status(uri, parent_run_id, "FINISHED")
+    summary.update({"search_dir": str(search_dir), "parent_run_id": parent_run_id, "tracking_uri": uri,
+                    "refit_epochs": state["refit_epochs"]})
+    log(format_summary(summary, table))
+    if refit and best:
+        summary["refit"] = refit_best(summary, log)
+    return summary
+
+
+def collect_results(results, settings: SearchSettings, base: dict[str, Any], space: dict[str, Distribution],
+                    search_dir: Path) -> list[dict[str, Any]]:
+    """One row per trial: knobs, final and best validation metrics, epochs, stop reason, time, compute."""
+    from robustune import tracking
+
+    uri = base["tracking"]["tracking_uri"]
+    mlflow_client = tracking.client(uri)
+    epochs = base["train"]["epochs"]
+    workers = base["resources"]["num_workers"]
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        from_path = re.match(r"run_trial_([0-9a-f]+)_", Path(result.path).name) if result.path else None
+        trial_id = metrics.get("trial_id") or (from_path.group(1) if from_path else None)
+        history = result.metrics_dataframe
+        run = _child_run(mlflow_client, search_dir, trial_id)
+        epochs_run = int(metrics.get("epoch", 0) or 0)
+        if result.error is not None:
+            reason = "failed"
+        elif run is not None and run.data.tags.get("stop_reason") == "overfit":
+            reason = "overfit_alarm"
+        elif epochs_run < epochs:
+            reason = "asha_stopped"
+        else:
+            reason = "completed"
+        if run is not None and reason == "asha_stopped":  # Tune ended it mid-training: say so in MLflow
+            tracking.set_tag(uri, run.info.run_id, "stop_reason", "asha_stopped")
+            tracking.set_status(uri, run.info.run_id, "KILLED")
+        if run is not None and reason == "failed":
+            tracking.set_tag(uri, run.info.run_id, "stop_reason", "failed")
+        wall = float(metrics.get("time_total_s") or 0.0)
+        row = {"trial_id": trial_id, "status": reason, "run_id": run.info.run_id if run else None,
+               "epochs_run": epochs_run, "epochs_planned": epochs, "wall_s": wall,
+               "epochs_s": float(metrics.get("time/total_s") or 0.0),  # inside training epochs (+ validation)
+               "worker_s": wall * workers,
+               "error": _first_line(result.error) if result.error is not None else None}
+        row.update({f"param.{k}": result.config.get(k) for k in space})
+        for key in (ROBUST_METRIC, CLEAN_METRIC, "objective", "train/loss", "alarm/overfit"):
+            row[f"final.{key}"] = _float(metrics.get(key))
+            row[f"best.{key}"] = (_float(history[key].max()) if history is not None and key in history else None)
+        rows.append(row)
+    return rows
+
+
+def _child_run(mlflow_client, search_dir: Path, trial_id: str | None):
+    if trial_id is None:
+        return None
+    run_file = search_dir / "trials" / f"trial-{trial_id}" / "run.json"
+    if not run_file.is_file():
+        return None
+    return mlflow_client.get_run(json.loads(run_file.read_text())["run_id"])
+
+
+def _float(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost non-Ray error line of a trial's (Ray-wrapped) exception, e.g. the NaN-loss message."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    ours = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line) and not line.startswith("ray.")]
+    return (ours or [line for line in lines if line] or [type(error).__name__])[-1][:500]
+
+
+def write_results(rows: list[dict[str, Any]], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = sorted({key for row in rows for key in row}, key=lambda k: (not k.startswith(("trial", "status")), k))
+    table = pa.table({c: [_plain(row.get(c)) for row in rows] for c in columns})
+    pq.write_table(table, path)
+
+
+def _plain(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (list, dict, tuple)) else value
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trials not dominated in (best validation PGD accuracy, its clean accuracy)."""
+    points = [r for r in rows if r["status"] != "failed" and r[f"final.{ROBUST_METRIC}"] is not None]
+    front = []
+    for r in points:
+        a, b = r[f"best.{ROBUST_METRIC}"], r[f"final.{CLEAN_METRIC}"]
+        dominated = any((o[f"best.{ROBUST_METRIC}"] >= a and o[f"final.{CLEAN_METRIC}"] >= b)
+                        and (o[f"best.{ROBUST_METRIC}"] > a or o[f"final.{CLEAN_METRIC}"] > b) for o in points)
+        if not dominated:
+            front.append(r)
+    return front
+
+
+def summarize(rows: list[dict[str, Any]], settings: SearchSettings, wall_s: float) -> dict[str, Any]:
+    ok = [r for r in rows if r["status"] != "failed" and r["best.objective"] is not None]
+    best = max(ok, key=lambda r: r["best.objective"], default=None)
+    summary: dict[str, Any] = {
+        "defense": settings.defense, "objective": settings.objective, "trials": len(rows),
+        "statuses": {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},
+        "wall_s": wall_s, "worker_s": sum(r["worker_s"] for r in rows),
+        # Share of the trial slots (wall time x concurrent trials) not spent in training epochs:
+        # Ray, Tune and worker start-up, MLflow, checkpoints, idle slots.
+        "overhead_share": 1 - sum(r["epochs_s"] for r in rows) / max(wall_s * (settings.max_concurrent or 1), 1e-9),
+    }
+    if best:
+        summary["best"] = {"trial_id": best["trial_id"], "run_id": best["run_id"],
+                           "params": {k[len("param."):]: v for k, v in best.items() if k.startswith("param.")},
+                           "metrics": {"val_pgd_acc": best[f"best.{ROBUST_METRIC}"],
+                                       "val_clean_acc": best[f"final.{CLEAN_METRIC}"],
+                                       "objective": best["best.objective"]}}
+    if settings.objective == "pareto":
+        summary["pareto_front"] = [r["trial_id"] for r in pareto_front(rows)]
+    return summary
+
+
+def format_summary(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    params = sorted({k for r in rows for k in r if k.startswith("param.")})
+    lines = [f"search of {summary['defense']}: {summary['trials']} trials {summary['statuses']}, "
+             f"{summary['wall_s']:.0f}s wall, {summary['worker_s']:.0f} worker-seconds, "
+             f"{summary['overhead_share']:.0%} of trial slots outside training epochs",
+             "  trial      status         epochs  best val PGD  val clean  " + "  ".join(p[6:] for p in params)]
+    def show(value: Any, spec: str = "") -> str:
+        return "-" if value is None else format(value, spec) if isinstance(value, float) and spec else str(value)
+
+    for r in sorted(rows, key=lambda r: -(r["best.objective"] if r["best.objective"] is not None else -9)):
+        values = "  ".join(show(r.get(p), ".4g") for p in params)
+        lines.append(f"  {show(r['trial_id']):<10} {r['status']:<14} {r['epochs_run']:>6}  "
+                     f"{show(r[f'best.{ROBUST_METRIC}'], '.4f'):>12}  {show(r[f'final.{CLEAN_METRIC}'], '.4f'):>9}  "
+                     f"{values}" + (f"  ({r['error']})" if r.get("error") else ""))
+    best = summary.get("best")
+    if best:
+        lines.append(f"best: trial {best['trial_id']} ({format_params(best['params'])}) "
+                     f"val PGD {best['metrics']['val_pgd_acc']:.4f}")
+    if "pareto_front" in summary:
+        lines.append(f"Pareto front (val PGD vs val clean): {', '.join(summary['pareto_front'])}")
+    return "\n".join(lines)
+
+
+def refit_best(summary: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """Retrain the best config on training + validation data and run the final evaluation on test."""
+    from robustune.training import run_training
+
+    data = merge(summary["best_config"], {"data": {"val_size": 0}, "eval": {"enabled": True},
+                                          "train": {"epochs": summary["refit_epochs"]},
+                                          "tracking": {"run_name": None}})
+    data = apply_override(data, ["tracking", "output_dir"], str(Path(summary["search_dir"]) / "refit"))
+    log(f"refit: training the best config on training + validation data for {data['train']['epochs']} epochs")
+    outcome = run_training(resolve_config(data), log=log, extra_tags={"kind": "refit",
+                                                                       "search_run_id": summary["parent_run_id"]})
+    from robustune import tracking
+
+    tracking.set_tag(summary["tracking_uri"], summary["parent_run_id"], "refit_run_id", outcome.run_id)
+    return {"run_id": outcome.run_id, "report": outcome.report}

@@ -1,0 +1,144 @@
+"""Search: space schema, and real searches with local Ray, MLflow and Parquet on synthetic data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from robustune.config import ConfigError
+from robustune.defense import list_defenses
+from robustune.search_space import default_space_path, load_space, parse_space
+
+BASE = ["--set=data.name=synthetic", "--set=data.val_size=500", "--set=validation.examples=100",
+        "--set=train.batch_size=64"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"method.alpha_ratio": {"type": "uniform", "low": 2.0, "high": 0.5}}, "empty or inverted range"),
+    ({"method.alpha_ratio": {"type": "uniform", "low": 1.0, "high": 1.0}}, "empty or inverted range"),
+    ({"method.alpha_ratio": {"type": "gaussian", "low": 0, "high": 1}}, "unknown type 'gaussian'"),
+    ({"method.alpha_ratio": {"type": "uniform", "low": 0.5, "hgh": 2}}, "unknown field(s) hgh"),
+    ({"method.alpha_ratio": {"type": "uniform", "low": 0.5}}, "missing high"),
+    ({"method.beta": {"type": "uniform", "low": 0, "high": 1}}, "defense 'fgsm_rs' has fields: alpha_ratio"),
+    ({"train.lrr": {"type": "loguniform", "low": 0.01, "high": 0.1}}, "not a knob of this run"),
+    ({"train.lr": {"type": "loguniform", "low": 0.0, "high": 0.1}}, "loguniform needs low > 0"),
+    ({"train.lr": {"type": "choice", "values": []}}, "non-empty list"),
+    ({"method.alpha_ratio": {"type": "int", "low": 1.5, "high": 3}}, "expected an integer"),
+    ({"method.alpha_ratio": {"type": "uniform", "low": "a", "high": 3}}, "expected a number"),
+    ([], "non-empty mapping"),
+])
+def test_space_schema_errors_name_file_key_and_problem(spec, message):
+    with pytest.raises(ConfigError) as info:
+        parse_space(spec, "spaces/x.yaml", "fgsm_rs")
+    assert message in str(info.value) and "spaces/x.yaml" in str(info.value)
+
+
+def test_space_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method.alpha_ratio: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_space("fgsm_rs", bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_space("fgsm_rs", tmp_path / "missing.yaml")
+
+
+def test_every_defense_ships_a_valid_space():
+    for defense in list_defenses():
+        assert default_space_path(defense).is_file(), f"search_spaces/{defense}.yaml is missing"
+        space = load_space(defense)
+        assert space, defense
+
+
+def test_space_values_that_make_invalid_runs_are_refused():
+    from robustune.config import load_config
+    from robustune.search_space import check_samples_resolve
+
+    space = parse_space({"method.alpha_ratio": {"type": "uniform", "low": -1.0, "high": 1.0}}, "x.yaml", "fgsm_rs")
+    with pytest.raises(ConfigError, match="method.alpha_ratio.*-1.0"):
+        check_samples_resolve(space, load_config("fgsm_rs").to_dict())
+
+
+def search_cli(*args, cwd):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "robustune.cli", "search", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def children(client, parent_id):
+    experiment = client.get_experiment_by_name("robustune").experiment_id
+    return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def test_four_trial_search_with_a_failing_trial(tmp_path):
+    """4 trials: one MLflow parent with 4 children, 4 Parquet rows; the NaN trial fails, the others finish."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "method.alpha_ratio": {"type": "uniform", "low": 0.5, "high": 1.5},
+        "train.lr": {"type": "choice", "values": [0.05, 1.0e30]},  # 1e30 makes the loss overflow
+    }))
+    process = search_cli("fgsm_rs", "--space", str(space), "--samples", "4", "--epochs", "2", "--seed", "3",
+                         "--max-concurrent", "2", *BASE, cwd=tmp_path)
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output[-3000:]
+    [search_dir] = list((tmp_path / "runs").glob("search-fgsm_rs-*"))
+    rows = pq.read_table(search_dir / "results.parquet").to_pylist()
+    assert len(rows) == 4
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert failed and all(r["param.train.lr"] == 1.0e30 for r in failed)
+    assert all(r["status"] in ("completed", "asha_stopped") for r in rows if r["param.train.lr"] == 0.05)
+    assert any(r["param.train.lr"] == 0.05 for r in rows)
+    assert all(r["wall_s"] > 0 and r["worker_s"] >= r["wall_s"] for r in rows if r["status"] != "failed")
+
+    state = json.loads((search_dir / "search.json").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = children(client, state["parent_run_id"])
+    assert len(runs) == 4
+    assert {r.info.run_id for r in runs} == {r["run_id"] for r in rows}
+    statuses = {r.info.run_id: r.info.status for r in runs}
+    assert all(statuses[r["run_id"]] == "FAILED" for r in failed)
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial_id"]
+    assert parent.data.params["search.samples"] == "4"
+    assert "[search]" in output and "best:" in output
+    # Trials never touch the test split.
+    for run in runs:
+        assert not any(key.startswith("test/") for key in run.data.metrics)
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
+    args = ["fgsm_rs", "--samples", "4", "--epochs", "2", "--max-concurrent", "1", "--scheduler", "none", *BASE]
+    process = search_cli(*args, cwd=tmp_path)
+    finished = []
+    deadline = time.time() + 600
+    for line in process.stdout:
+        if line.startswith("[search] trial") and "finished" in line:
+            finished.append(line.split()[2])
+            if len(finished) == 2:
+                break
+        assert time.time() < deadline, "two trials never finished"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    [search_dir] = list((tmp_path / "runs").glob("search-fgsm_rs-*"))
+    state = json.loads((search_dir / "search.json").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    before = {r.data.tags["search_trial_id"]: r.info.run_id for r in children(client, state["parent_run_id"])}
+    assert set(finished) <= set(before)
+
+    resumed = search_cli("--resume", str(search_dir), cwd=tmp_path)
+    output, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, output[-3000:]
+    rows = pq.read_table(search_dir / "results.parquet").to_pylist()
+    assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
+    after = {r.data.tags["search_trial_id"]: r.info.run_id for r in children(client, state["parent_run_id"])}
+    assert len(after) == 4
+    for trial in finished:  # finished trials were not rerun: same MLflow run, and no second one
+        assert after[trial] == before[trial]
+        assert f"trial {trial} finished" not in output
