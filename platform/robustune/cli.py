@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--refit", action="store_true",
                         help="then retrain the best config on training + validation data and evaluate it on test")
 
+    from robustune import calibrate
+
+    calibrate.add_parser(commands)
+
     commands.add_parser("methods", help="list the defenses with their cost and one-line description",
                         description="List every registered defense: name, cost in forward/backward passes "
                                     "per batch (standard training is 1F1B), and what it does.")
@@ -161,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             return command_train(args)
         if args.command == "search":
             return command_search(args)
+        if args.command == "calibrate-eae":
+            from robustune import calibrate
+
+            return calibrate.command(args)
     except (ConfigError, DataError, ModelError, CheckpointError, TrainingError) as error:
         print(f"robustune {args.command}: error: {error}", file=sys.stderr)
         return 2
