@@ -200,6 +200,12 @@ def _run_autoattack(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tenso
                     attacks: list[str], n_classes: int, batch_size: int, device: torch.device, seed: int,
                     state_path: Path | None, log: Callable[[str], None], messages: list[str]) -> tuple[Tensor, bool]:
     """Robust flags (n,) after every attack in `attacks`; and whether saved progress was resumed."""
+    import pyautoattack.checks
+
+    # pyautoattack's dynamic-defense check counts calls in a module-global dict it never resets: without
+    # this, a model evaluated after a test-time defense in the same process is flagged as dynamic too.
+    for name in pyautoattack.checks.funcs:
+        pyautoattack.checks.funcs[name] = 0
     robust = clean_correct.clone()
     attacked = {a: torch.zeros_like(robust) for a in attacks}
     fingerprint = None
