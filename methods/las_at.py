@@ -1,0 +1,416 @@
+"""LAS-AT: adversarial training with a learnable attack strategy (Jia et al., CVPR 2022).
+
+A strategy network reads each clean image and draws, per image, an attack strategy from one categorical
+head per attack parameter: the radius epsilon, the number of PGD iterations and the step size. The
+target model trains on PGD examples made with each image's own strategy (label-smoothed CE); every k
+batches the strategy net is updated by REINFORCE to maximize J = L1 + alpha*L2 + beta*L3.
+
+Grids. Radii and step sizes are ratios of the evaluation epsilon (`ctx.epsilon`), so one grid transfers
+across datasets: the paper's CIFAR-10 ranges at eval eps 8/255 are eps 3..15/255 (ratios 3/8..15/8), step
+1..5/255 (1/8..5/8) and 3..14 iterations, which are the defaults. (The authors' script writes them as
+Python `range(3, 15)`, `range(1, 5)`, `range(3, 14)`, i.e. without the upper ends; pass those lists to get
+the code's grids.) The attack-type head of the code has a single choice (I-FGSM), carries no gradient and
+is left out; so is the TRADES variant's beta head.
+
+Attack. PGD with each image's own radius, step and iteration count: the loop runs to the batch maximum
+and masks out the images that are done. The random start is the authors' fixed one: U(-r, r) with
+r = `random_start_ratio` * eval eps whatever radius was drawn, then clipped to each image's own ball
+(the code clips at the first step instead; here every point stays in its ball and in [0, 1]).
+
+Reward (authors' code; the paper's L2, L3 are negative losses, the code uses accuracies):
+  L1 = CE of the target on the strategy's examples (unsmoothed), clamped to [0, 10];
+  L2 = 4 x robust accuracy, under PGD-`reward_pgd_steps` (`reward_pgd_restarts` restarts, eval eps,
+       step `reward_pgd_alpha_ratio` x eps), of a copy of the target after one SGD step (lr `lookahead_lr`,
+       weight decay 5e-4) on those examples;
+  L3 = 2 x clean accuracy of that copy.
+With `reward="batch"` (the code) each term is a batch mean, one scalar reward for the batch; with
+`reward="per_sample"` (the paper's estimator, Eq. with L0(x^n)) each image gets its own L1, robust and
+clean correctness. Policy loss = sum over heads of mean(-log pi(a) * reward); gradients averaged over
+workers, clipped to norm `policy_grad_clip`, SGD without momentum at `policy_lr`.
+The authors' policy and target learning-rate schedules are not reproduced: the policy lr is constant and
+the look-ahead step uses the fixed `lookahead_lr` (the code uses the target's current lr; the defense
+cannot see the loop's schedule).
+
+Order per batch (as in the code): on every k-th batch (k = `update_every`; batches k, 2k, ... counted from
+the start of training) the policy is updated first (strategy net in train mode, its own draw of
+strategies); then strategies for the target step are drawn with the strategy net in eval mode and the
+target trains on them.
+
+Auxiliary nets (not counted in cost()): the strategy net, a small CNN for inputs up to 28x28 and a
+ResNet-18 (width `strategy_width`) above, plus the look-ahead copy of the target (its passes are counted).
+
+Cost per batch, with E = mean of the iteration grid, S = reward_pgd_steps, R = reward_pgd_restarts:
+  target step:  (E + 1)F (E + 1)B  (attack + training pass);
+  policy update, every k batches: attack E F/B, L1 forward 1F, look-ahead step 1F1B, PGD on the copy
+  R(S + 1)F R*S B (the +1 is the restart selection forward), robust and clean forward 2F:
+  forward  = E + 1 + (E + R(S + 1) + 4) / k,   backward = E + 1 + (E + R*S + 1) / k.
+Defaults: 11.225F 10.975B. The masked PGD runs every image to the batch's largest drawn iteration count,
+so the wall time follows E[max over the batch] + 1 (close to the grid maximum while the policy is
+spread), not E + 1: cost() is the floor a loop over only the active images would reach.
+
+Logged per epoch (train/<name>): `las/<head>/p_<i>` the fraction of training images that drew grid
+entry i (heads `epsilon`, `steps`, `step_size`; entry i is `epsilon_ratios[i]`, `step_counts[i]`,
+`step_size_ratios[i]`), `las/<head>/mean` (in units of eval eps for the radius and the step size),
+`las/<head>/entropy`, and over the epoch's policy updates `las/reward`, `las/r1`, `las/r2`, `las/r3`,
+`las/policy_updates`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Categorical
+
+from robustune.attacks import clamp_to_ball, input_gradient, per_example, pgd, uniform_start
+from robustune.defense import Cost, Defense, DefenseContext, StepResult, register_defense
+
+HEADS = ("epsilon", "steps", "step_size")
+ROBUST_ACC_SCALE = 4.0  # authors' code: R2 = robust accuracy x 4 (--R2_param)
+CLEAN_ACC_SCALE = 2.0  # authors' code: R3 = clean accuracy x 2 (--R3_param)
+L1_CLAMP = 10.0  # authors' code: R1 = clamp(CE, 0, 10)
+LOOKAHEAD_WEIGHT_DECAY = 5e-4  # authors' code: the copy's SGD (momentum 0.9 is moot for one step)
+
+
+def smoothed_cross_entropy(logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
+    """Mean CE against targets 1 - s on the true class and s / (C - 1) on each other class (the authors'
+    `_label_smoothing(label, factor)` with factor = 1 - s)."""
+    if smoothing == 0:
+        return F.cross_entropy(logits, y)
+    log_p = F.log_softmax(logits, dim=1)
+    target = torch.full_like(log_p, smoothing / (logits.shape[1] - 1))
+    target.scatter_(1, y[:, None], 1.0 - smoothing)
+    return -(target * log_p).sum(1).mean()
+
+
+def strategy_pgd(model: nn.Module, x: Tensor, y: Tensor, epsilon: Tensor, alpha: Tensor, steps: Tensor,
+                 start_radius: float) -> Tensor:
+    """PGD where image i has its own radius epsilon[i], step alpha[i] and iteration count steps[i].
+
+    Start: x + U(-start_radius, start_radius), clipped to each image's own ball and [0, 1]. The loop runs
+    max(steps) iterations on the whole batch; image i only moves during its first steps[i] iterations.
+    """
+    x = x.detach()
+    x_adv = clamp_to_ball(uniform_start(x, start_radius), x, epsilon) if start_radius > 0 else x.clone()
+    step_size = per_example(alpha, x)
+    for t in range(int(steps.max()) if steps.numel() else 0):
+        with torch.enable_grad():  # also under no_grad
+            grad, _ = input_gradient(model, x_adv, y)
+        active = (steps > t).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        x_adv = clamp_to_ball(x_adv + active * step_size * grad.sign(), x, epsilon)
+    return x_adv.detach()
+
+
+# ------------------------------------------------------------------------------------- strategy nets
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class StrategyNet(nn.Module):
+    """Clean image -> one logit vector per attack parameter (dict head -> (B, grid size))."""
+
+    def __init__(self, input_shape: tuple[int, int, int], grid_sizes: dict[str, int], width: int) -> None:
+        super().__init__()
+        channels, height, width_px = input_shape
+        if height * width_px <= 28 * 28:  # small CNN (Fashion-MNIST, MNIST)
+            half = max(1, width // 2)
+            self.body = nn.Sequential(
+                nn.Conv2d(channels, half, 4, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(half, width, 4, stride=2, padding=1), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                nn.Linear(width * 16, 2 * width), nn.ReLU())
+            features = 2 * width
+        else:  # ResNet-18 as in the authors' StrategyNet.py, `width` channels in the first stage
+            layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                                       nn.BatchNorm2d(width), nn.ReLU()]
+            in_planes = width
+            for planes, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
+                layers += [_BasicBlock(in_planes, planes, stride), _BasicBlock(planes, planes, 1)]
+                in_planes = planes
+            self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            features = in_planes
+        self.heads = nn.ModuleDict({name: nn.Linear(features, size) for name, size in grid_sizes.items()})
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        h = self.body(x * 2 - 1)  # inputs in [0, 1]; centre them
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+@dataclass
+class Strategy:
+    """Per-image attack parameters drawn from the strategy net for one batch."""
+
+    epsilon: Tensor  # (B,) radius in pixel units
+    alpha: Tensor  # (B,) step size in pixel units
+    steps: Tensor  # (B,) iteration counts (long)
+    index: dict[str, Tensor]  # head -> (B,) grid positions drawn
+    log_prob: dict[str, Tensor]  # head -> (B,) log pi(a) (in the graph when drawn with gradients)
+    entropy: dict[str, Tensor]  # head -> (B,)
+
+
+# ------------------------------------------------------------------------------------------ defense
+@register_defense("las_at")
+@dataclass
+class LASAT(Defense):
+    summary = "LAS-AT: a strategy net picks each image's PGD radius/steps/step size, trained by REINFORCE"
+    # Grids, in units of the evaluation epsilon (radius, step) or counts (iterations). Paper's CIFAR ranges.
+    epsilon_ratios: list[float] = field(default_factory=lambda: [i / 8 for i in range(3, 16)])  # 3..15/255 @ 8/255
+    step_counts: list[int] = field(default_factory=lambda: list(range(3, 15)))  # 3..14 iterations
+    step_size_ratios: list[float] = field(default_factory=lambda: [i / 8 for i in range(1, 6)])  # 1..5/255 @ 8/255
+    random_start_ratio: float = 1.0  # start U(-r, r), r = this x eval eps (code: fixed 8/255), clipped to own ball
+    label_smoothing: float = 0.3  # target loss; code's factor 0.7 = true-class target 1 - 0.3
+    # Strategy-net updates (REINFORCE).
+    update_every: int = 20  # k: the policy is updated on batches k, 2k, ... (paper Table 1: k=20 for PGD-AT)
+    alpha: float = 1.0  # weight of L2 (look-ahead robustness); code --b 1
+    beta: float = 1.0  # weight of L3 (look-ahead clean accuracy); code --c 1
+    reward: Literal["batch", "per_sample"] = "batch"  # batch: code (one scalar); per_sample: paper's estimator
+    policy_lr: float = 1e-4  # SGD without momentum (code)
+    policy_grad_clip: float = 1.0  # max grad norm of the strategy net (code)
+    lookahead_lr: float = 0.1  # the copy's one SGD step (code: the target's current lr, 0.1 before decay)
+    reward_pgd_steps: int = 10  # L2's attack on the copy (code: PGD-10, step 2/255 at 8/255, 2 restarts)
+    reward_pgd_restarts: int = 2
+    reward_pgd_alpha_ratio: float = 0.25
+    strategy_width: int = 64  # channels of the strategy net's first stage (code: ResNet-18, 64)
+
+    def __post_init__(self) -> None:
+        for name in ("epsilon_ratios", "step_counts", "step_size_ratios"):
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"{name} must list at least one value")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} has repeated values: {values}")
+        if any(not (math.isfinite(v) and v > 0) for v in self.epsilon_ratios):
+            raise ValueError(f"epsilon_ratios must be > 0, got {self.epsilon_ratios}")
+        if any(not (math.isfinite(v) and v > 0) for v in self.step_size_ratios):
+            raise ValueError(f"step_size_ratios must be > 0, got {self.step_size_ratios}")
+        if any(v < 1 for v in self.step_counts):
+            raise ValueError(f"step_counts must be >= 1, got {self.step_counts}")
+        if self.random_start_ratio < 0:
+            raise ValueError(f"random_start_ratio must be >= 0, got {self.random_start_ratio}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.update_every < 1:
+            raise ValueError(f"update_every must be >= 1, got {self.update_every}")
+        for name in ("alpha", "beta"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("policy_lr", "policy_grad_clip", "lookahead_lr", "reward_pgd_alpha_ratio"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("reward_pgd_steps", "reward_pgd_restarts", "strategy_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    # ----------------------------------------------------------------------------------------- cost
+    def cost(self) -> Cost:
+        mean_steps = sum(self.step_counts) / len(self.step_counts)
+        k, steps, restarts = self.update_every, self.reward_pgd_steps, self.reward_pgd_restarts
+        extra_forward = mean_steps + 1 + 1 + restarts * (steps + 1) + 2
+        extra_backward = mean_steps + 1 + restarts * steps
+        return Cost(forward=mean_steps + 1 + extra_forward / k, backward=mean_steps + 1 + extra_backward / k)
+
+    # ---------------------------------------------------------------------------------------- setup
+    def grids(self) -> dict[str, list[float]]:
+        return {"epsilon": list(self.epsilon_ratios), "steps": list(self.step_counts),
+                "step_size": list(self.step_size_ratios)}
+
+    def setup(self, model: nn.Module, ctx: DefenseContext) -> None:
+        super().setup(model, ctx)
+        grids = self.grids()
+        with torch.random.fork_rng(devices=[]):  # same initial strategy net on every worker
+            torch.manual_seed(ctx.seed + 104_729)
+            self.strategy = StrategyNet(ctx.input_shape, {h: len(g) for h, g in grids.items()},
+                                        self.strategy_width).to(ctx.device)
+        self.policy_optimizer = torch.optim.SGD(self.strategy.parameters(), lr=self.policy_lr, momentum=0.0)
+        self._grid_tensors = {h: torch.tensor(g, dtype=torch.float32, device=ctx.device) for h, g in grids.items()}
+        self._lookahead: nn.Module | None = None
+        self.batches_seen = 0
+        self.policy_updates = 0
+        self._stats = self._empty_stats()
+
+    def _empty_stats(self) -> dict[str, Tensor]:
+        device = self.ctx.device
+        stats = {f"{h}/count": torch.zeros(len(g), dtype=torch.float64, device=device)
+                 for h, g in self.grids().items()}
+        stats.update({f"{h}/entropy": torch.zeros(1, dtype=torch.float64, device=device) for h in HEADS})
+        for name in ("samples", "updates", "reward", "r1", "r2", "r3"):
+            stats[name] = torch.zeros(1, dtype=torch.float64, device=device)
+        return stats
+
+    # ------------------------------------------------------------------------------------- strategy
+    def sample_strategy(self, x: Tensor) -> Strategy:
+        """Draw one strategy per image (with gradients to the strategy net unless under no_grad)."""
+        logits = self.strategy(x)
+        index, log_prob, entropy = {}, {}, {}
+        for head in HEADS:
+            dist = Categorical(logits=logits[head])
+            index[head] = dist.sample()
+            log_prob[head] = dist.log_prob(index[head])
+            entropy[head] = dist.entropy()
+        eps = self.ctx.epsilon
+        return Strategy(epsilon=self._grid_tensors["epsilon"][index["epsilon"]] * eps,
+                        alpha=self._grid_tensors["step_size"][index["step_size"]] * eps,
+                        steps=self._grid_tensors["steps"][index["steps"]].round().long(),
+                        index=index, log_prob=log_prob, entropy=entropy)
+
+    def attack(self, model: nn.Module, x: Tensor, y: Tensor, strategy: Strategy) -> Tensor:
+        return strategy_pgd(model, x, y, strategy.epsilon, strategy.alpha, strategy.steps,
+                            self.random_start_ratio * self.ctx.epsilon)
+
+    def adversarial_examples(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Strategy]:
+        """The target step's examples: strategies drawn with the strategy net in eval mode."""
+        self.strategy.eval()
+        with torch.no_grad():
+            strategy = self.sample_strategy(x)
+        return self.attack(model, x, y, strategy), strategy
+
+    # ---------------------------------------------------------------------------------------- reward
+    def _lookahead_copy(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> nn.Module:
+        """A copy of the target after one SGD step on (x_adv, y); the target itself is untouched."""
+        if self._lookahead is None:
+            self._lookahead = copy.deepcopy(model)
+        else:
+            self._lookahead.load_state_dict(model.state_dict())
+        shadow = self._lookahead
+        shadow.train(model.training)
+        params = [p for p in shadow.parameters() if p.requires_grad]
+        loss = smoothed_cross_entropy(shadow(x_adv), y, self.label_smoothing)
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.add_(g + LOOKAHEAD_WEIGHT_DECAY * p, alpha=-self.lookahead_lr)
+        return shadow
+
+    def compute_reward(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Reward L1 + alpha L2 + beta L3 for examples x_adv (a scalar, or (B,) with reward='per_sample')."""
+        per_sample = self.reward == "per_sample"
+        with torch.no_grad():
+            ce = F.cross_entropy(model(x_adv), y, reduction="none")
+        r1 = (ce if per_sample else ce.mean()).clamp(0.0, L1_CLAMP)
+        shadow = self._lookahead_copy(model, x_adv, y)
+        eps = self.ctx.epsilon
+        x_pgd = pgd(shadow, x, y, eps, alpha=self.reward_pgd_alpha_ratio * eps, steps=self.reward_pgd_steps,
+                    restarts=self.reward_pgd_restarts)
+        with torch.no_grad():
+            robust = (shadow(x_pgd).argmax(1) == y).float()
+            clean = (shadow(x).argmax(1) == y).float()
+        if not per_sample:
+            robust, clean = robust.mean(), clean.mean()
+        r2, r3 = ROBUST_ACC_SCALE * robust, CLEAN_ACC_SCALE * clean
+        reward = r1 + self.alpha * r2 + self.beta * r3
+        return reward.detach(), {"r1": r1.detach(), "r2": r2, "r3": r3}
+
+    def policy_step(self, log_prob: dict[str, Tensor], reward: Tensor) -> Tensor:
+        """One REINFORCE step: loss = sum over heads of mean(-log pi(a) * reward); returns the loss."""
+        reward = reward.detach()
+        loss = sum((-lp * reward).mean() for lp in log_prob.values())
+        self.policy_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = list(self.strategy.parameters())
+        self.ctx.average_gradients(params)
+        nn.utils.clip_grad_norm_(params, self.policy_grad_clip)
+        self.policy_optimizer.step()
+        return loss.detach()
+
+    def update_policy(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        self.strategy.train()
+        strategy = self.sample_strategy(x)
+        x_adv = self.attack(model, x, y, strategy)
+        reward, parts = self.compute_reward(model, x, y, x_adv)
+        self.policy_step(strategy.log_prob, reward)
+        self.policy_updates += 1
+        stats = self._stats
+        stats["updates"] += 1
+        stats["reward"] += reward.mean()
+        for name, value in parts.items():
+            stats[name] += value.mean()
+        return reward
+
+    # ----------------------------------------------------------------------------------------- hooks
+    def train_step(self, model, x, y, idx, step, update) -> StepResult:
+        self.batches_seen += 1
+        if self.batches_seen % self.update_every == 0:
+            self.update_policy(model, x, y)
+        x_adv, strategy = self.adversarial_examples(model, x, y)
+        logits = model(x_adv)
+        loss = smoothed_cross_entropy(logits, y, self.label_smoothing)
+        update(loss)
+        self._record(strategy)
+        return StepResult(loss.detach(), logits.detach())
+
+    def _record(self, strategy: Strategy) -> None:
+        stats = self._stats
+        for head in HEADS:
+            count = stats[f"{head}/count"]
+            count += torch.bincount(strategy.index[head], minlength=count.numel()).to(count.dtype)
+            stats[f"{head}/entropy"] += strategy.entropy[head].sum().to(torch.float64)
+        stats["samples"] += strategy.steps.numel()
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        names = sorted(self._stats)
+        flat = torch.cat([self._stats[n] for n in names])
+        self.ctx.all_reduce_sum(flat)  # every worker's share of the epoch
+        merged, offset = {}, 0
+        for n in names:
+            size = self._stats[n].numel()
+            merged[n] = flat[offset:offset + size]
+            offset += size
+        metrics: dict[str, float] = {}
+        samples = max(float(merged["samples"]), 1.0)
+        for head, grid in self.grids().items():
+            fractions = (merged[f"{head}/count"] / samples).tolist()
+            for i, fraction in enumerate(fractions):
+                metrics[f"las/{head}/p_{i}"] = fraction
+            metrics[f"las/{head}/mean"] = float(sum(f * g for f, g in zip(fractions, grid)))
+            metrics[f"las/{head}/entropy"] = float(merged[f"{head}/entropy"]) / samples
+        updates = float(merged["updates"])  # summed over workers, as are the reward sums
+        metrics["las/policy_updates"] = updates / self.ctx.world_size
+        if updates:  # an epoch shorter than k batches has no policy update
+            for name in ("reward", "r1", "r2", "r3"):
+                metrics[f"las/{name}"] = float(merged[name]) / updates
+        self._average_buffers()
+        self._stats = self._empty_stats()
+        return metrics
+
+    def _average_buffers(self) -> None:
+        # BatchNorm statistics of the strategy net: workers saw different batches.
+        if self.ctx.world_size <= 1:
+            return
+        for buffer in self.strategy.buffers():
+            if buffer.is_floating_point():
+                self.ctx.all_reduce_sum(buffer)
+                buffer /= self.ctx.world_size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy.state_dict(), "optimizer": self.policy_optimizer.state_dict(),
+                "batches_seen": self.batches_seen, "policy_updates": self.policy_updates,
+                "stats": {k: v.clone() for k, v in self._stats.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state["strategy"])
+        self.policy_optimizer.load_state_dict(state["optimizer"])
+        self.batches_seen = int(state["batches_seen"])
+        self.policy_updates = int(state["policy_updates"])
+        for name, value in state["stats"].items():
+            if name not in self._stats or self._stats[name].shape != value.shape:
+                raise ValueError(f"las_at checkpoint statistics {name!r} do not fit this defense's grids")
+            self._stats[name].copy_(value)

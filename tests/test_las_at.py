@@ -1,0 +1,305 @@
+"""LAS-AT: per-image PGD, REINFORCE, the update interval, per-image strategies, reward, logging, state."""
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robustune.config import ConfigError, load_config
+from robustune.defense import Cost, DefenseContext, create_defense
+from robustune.models import create_model
+from robustune.training import TrainingLoop
+from robustune.methods.las_at import smoothed_cross_entropy, strategy_pgd
+
+EPS = 0.1
+# Small settings so a policy update is cheap in tests.
+QUICK = {"step_counts": [1, 2], "reward_pgd_steps": 1, "reward_pgd_restarts": 1}
+
+
+def make(params=None, epsilon=EPS, batch=16, seed=0):
+    torch.manual_seed(seed)
+    model = create_model("small_cnn", num_classes=10, input_shape=(1, 28, 28), mean=(0.5,), std=(0.25,))
+    defense = create_defense("las_at", params)
+    defense.setup(model, DefenseContext(epsilon=epsilon, num_classes=10, input_shape=(1, 28, 28),
+                                        num_train_examples=100, epochs=1, steps_per_epoch=1,
+                                        device=torch.device("cpu"), seed=seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    x, y = torch.rand(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    return model, defense, x, y
+
+
+def sgd_update(model, lr=0.05):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def update(loss):
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return update
+
+
+def snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(before, module):
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+class CountingModel(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+# ------------------------------------------------------------------------------------- per-image PGD
+def test_per_sample_pgd_uses_each_images_own_radius_step_and_iteration_count():
+    model, _, x, y = make(batch=6)
+    eps = torch.tensor([0.02, 0.05, 0.1, 0.1, 0.2, 0.03])
+    alpha = torch.tensor([0.01, 0.02, 0.05, 0.05, 0.04, 0.03])
+    steps = torch.tensor([1, 3, 1, 3, 2, 0])
+    counting = CountingModel(model)
+    batched = strategy_pgd(counting, x, y, eps, alpha, steps, start_radius=0.0)
+    assert counting.calls == 3  # the loop runs to the batch maximum, once per iteration on the whole batch
+    # The same image attacked alone with its own settings lands on the same point (no BatchNorm in small_cnn).
+    for i in range(6):
+        alone = strategy_pgd(model, x[i:i + 1], y[i:i + 1], eps[i:i + 1], alpha[i:i + 1], steps[i:i + 1], 0.0)
+        assert torch.allclose(batched[i], alone[0], atol=1e-6), i
+    # The iteration mask matters: images 2 and 3 share radius and step but not the count.
+    three = strategy_pgd(model, x[2:3], y[2:3], eps[2:3], alpha[2:3], torch.tensor([3]), 0.0)
+    assert not torch.allclose(batched[2], three[0])
+    assert torch.equal(batched[5], x[5])  # zero iterations: untouched
+    linf = (batched - x).abs().flatten(1).amax(1)
+    assert torch.all(linf <= eps + 1e-6) and torch.all((batched >= 0) & (batched <= 1))
+    assert torch.allclose(linf[:5], torch.minimum(eps, alpha * steps)[:5], atol=1e-6)
+
+
+def test_random_start_is_fixed_radius_clipped_to_each_ball():
+    model, _, x, y = make(batch=4)
+    x = x * 0.5 + 0.25  # away from the box so only the ball clips
+    eps = torch.tensor([0.01, 0.1, 0.01, 0.1])
+    start = strategy_pgd(model, x, y, eps, eps, torch.zeros(4, dtype=torch.long), start_radius=0.1)
+    delta = (start - x).abs().flatten(1)
+    assert torch.all(delta.amax(1) <= eps + 1e-6)
+    # Radius 0.1 start clipped to a 0.01 ball: ~90% of pixels sit on the boundary. With a start drawn in
+    # the image's own ball (U(-0.01, 0.01)) almost none would.
+    at_bound = (delta >= eps[:, None] - 1e-6).float().mean(1)
+    assert at_bound[0] > 0.8 and at_bound[2] > 0.8 and at_bound[1] < 0.05
+
+
+# -------------------------------------------------------------------------------------- REINFORCE
+def policy_probability(defense, x, head, action):
+    with torch.no_grad():
+        return F.softmax(defense.strategy(x)[head], 1)[:, action].mean().item()
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_policy_gradient_moves_probability_of_rewarded_action(sign):
+    _, defense, x, _ = make({"policy_lr": 0.5, "policy_grad_clip": 100.0}, batch=32)
+    defense.strategy.train()
+    before = policy_probability(defense, x, "epsilon", 4)
+    for _ in range(10):
+        strategy = defense.sample_strategy(x)
+        reward = sign * (strategy.index["epsilon"] == 4).float()  # constant reward for one action
+        defense.policy_step(strategy.log_prob, reward)
+    after = policy_probability(defense, x, "epsilon", 4)
+    if sign > 0:
+        assert after > before + 0.1
+    else:
+        assert after < before - 0.02
+
+
+def test_policy_loss_is_sum_over_heads_of_mean_minus_logprob_times_reward():
+    _, defense, x, _ = make(batch=8)
+    strategy = defense.sample_strategy(x)
+    expected = sum((-lp * 2.5).mean() for lp in strategy.log_prob.values()).item()
+    loss = defense.policy_step(strategy.log_prob, torch.tensor(2.5))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert set(strategy.log_prob) == {"epsilon", "steps", "step_size"}
+
+
+def test_policy_gradient_is_clipped():
+    _, defense, x, _ = make({"policy_lr": 1.0, "policy_grad_clip": 1e-3}, batch=8)
+    before = snapshot(defense.strategy)
+    strategy = defense.sample_strategy(x)
+    defense.policy_step(strategy.log_prob, torch.tensor(1000.0))
+    moved = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(before, defense.strategy.parameters())))
+    assert 0 < moved.item() <= 1e-3 * 1.0001  # lr 1 x clipped norm
+
+
+# ------------------------------------------------------------------------------------ update interval
+def test_strategy_net_updates_exactly_every_k_batches_and_target_every_batch():
+    model, defense, x, y = make({**QUICK, "update_every": 3})
+    update = sgd_update(model)
+    strategy_changes, target_changes = [], []
+    for step in range(7):
+        strategy_before, target_before = snapshot(defense.strategy), snapshot(model)
+        defense.train_step(model, x, y, torch.arange(len(y)), step, update)
+        strategy_changes.append(changed(strategy_before, defense.strategy))
+        target_changes.append(changed(target_before, model))
+    assert strategy_changes == [False, False, True, False, False, True, False]
+    assert all(target_changes)
+    assert defense.policy_updates == 2 and defense.batches_seen == 7
+
+
+def test_policy_update_leaves_the_target_untouched():
+    model, defense, x, y = make(QUICK)
+    before = snapshot(model)
+    reward = defense.update_policy(model, x, y)
+    assert not changed(before, model)
+    assert reward.shape == () and math.isfinite(reward.item())
+
+
+# --------------------------------------------------------------------------------- per-image strategies
+def test_strategies_are_sampled_per_image_from_the_policy():
+    _, defense, x, _ = make(batch=1)
+    batch = x.repeat(2000, 1, 1, 1)  # one image, many draws: every row has the same policy
+    defense.strategy.eval()
+    with torch.no_grad():
+        strategy = defense.sample_strategy(batch)
+        probs = F.softmax(defense.strategy(x)["steps"], 1)[0]
+    assert strategy.epsilon.shape == strategy.alpha.shape == strategy.steps.shape == (2000,)
+    frequencies = torch.bincount(strategy.index["steps"], minlength=len(probs)).float() / 2000
+    assert torch.allclose(frequencies, probs, atol=0.04)
+    assert len(strategy.steps.unique()) > 5  # not one draw for the whole batch
+    grids = defense.grids()
+    assert torch.allclose(strategy.epsilon, torch.tensor(grids["epsilon"])[strategy.index["epsilon"]] * EPS)
+    assert torch.allclose(strategy.alpha, torch.tensor(grids["step_size"])[strategy.index["step_size"]] * EPS)
+    assert torch.equal(strategy.steps, torch.tensor(grids["steps"])[strategy.index["steps"]])
+
+
+def test_training_examples_stay_in_each_images_own_ball():
+    model, defense, x, y = make(batch=64)
+    x_adv, strategy = defense.adversarial_examples(model, x, y)
+    linf = (x_adv - x).abs().flatten(1).amax(1)
+    assert len(strategy.epsilon.unique()) > 3
+    assert torch.all(linf <= strategy.epsilon + 1e-6) and torch.all((x_adv >= 0) & (x_adv <= 1))
+    small = strategy.epsilon < EPS
+    assert small.any() and torch.all(linf[small] < EPS)  # not the eval-eps ball
+
+
+# ------------------------------------------------------------------------------------ losses, reward
+def test_label_smoothing_matches_the_authors_factor():
+    logits, y = torch.randn(5, 10), torch.tensor([0, 3, 9, 2, 2])
+    target = torch.full((5, 10), 0.3 / 9)
+    target[torch.arange(5), y] = 0.7  # code: _label_smoothing(label, factor=0.7)
+    expected = -(target * F.log_softmax(logits, 1)).sum(1).mean()
+    assert smoothed_cross_entropy(logits, y, 0.3).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert smoothed_cross_entropy(logits, y, 0.0).item() == pytest.approx(F.cross_entropy(logits, y).item())
+    assert create_defense("las_at").label_smoothing == 0.3
+
+
+def test_target_step_trains_on_smoothed_ce_of_its_per_image_examples():
+    model, defense, x, y = make(batch=16)
+    seen = []
+    torch.manual_seed(7)
+    result = defense.train_step(model, x, y, torch.arange(16), 0, seen.append)
+    torch.manual_seed(7)  # same draws: strategies, then random starts
+    x_adv, _ = defense.adversarial_examples(model, x, y)
+    expected = smoothed_cross_entropy(model(x_adv), y, 0.3)
+    assert len(seen) == 1 and seen[0].requires_grad
+    assert result.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert expected.item() > smoothed_cross_entropy(model(x), y, 0.3).item()
+
+
+def test_l1_is_clamped_to_ten():
+    model, defense, x, y = make(QUICK, batch=16)
+    with torch.no_grad():
+        model.head.weight.mul_(1e4)  # huge logits: CE of misclassified images in the thousands
+    assert F.cross_entropy(model(x), y).item() > 10
+    _, parts = defense.compute_reward(model, x, y, x.clone())
+    assert parts["r1"].item() == 10.0
+
+
+def test_reward_terms_and_weights():
+    model, defense, x, y = make({**QUICK, "alpha": 0.0, "beta": 0.0}, batch=16)
+    x_adv = x.clone()
+    reward, parts = defense.compute_reward(model, x, y, x_adv)
+    expected_l1 = F.cross_entropy(model(x), y).clamp(0, 10)
+    assert reward.item() == pytest.approx(expected_l1.item(), rel=1e-5)  # alpha = beta = 0: L1 only
+    assert 0 <= parts["r2"].item() <= 4 and 0 <= parts["r3"].item() <= 2
+    assert parts["r2"].item() <= parts["r3"].item() * 2 + 1e-6  # robust acc <= clean acc (x4 vs x2)
+    defense.alpha, defense.beta = 0.5, 3.0
+    torch.manual_seed(5)
+    reward, parts = defense.compute_reward(model, x, y, x_adv)
+    assert reward.item() == pytest.approx((parts["r1"] + 0.5 * parts["r2"] + 3.0 * parts["r3"]).item(), rel=1e-5)
+    defense.reward = "per_sample"
+    reward, parts = defense.compute_reward(model, x, y, x_adv)
+    assert reward.shape == (16,) and set(parts["r2"].unique().tolist()) <= {0.0, 4.0}
+
+
+def test_lookahead_copy_takes_one_sgd_step():
+    model, defense, x, y = make({**QUICK, "lookahead_lr": 0.5}, batch=16)
+    copy = defense._lookahead_copy(model, x, y)
+    assert copy is not model
+    lookahead_loss = smoothed_cross_entropy(copy(x), y, 0.3).item()
+    assert lookahead_loss < smoothed_cross_entropy(model(x), y, 0.3).item()
+
+
+# ---------------------------------------------------------------------------------- epoch statistics
+def test_epoch_metrics_are_the_strategy_histogram_and_reset():
+    model, defense, x, y = make({**QUICK, "update_every": 2}, batch=32)
+    update = sgd_update(model)
+    for step in range(3):
+        defense.train_step(model, x, y, torch.arange(32), step, update)
+    metrics = defense.on_epoch_end(model, 0)
+    for head, grid in defense.grids().items():
+        fractions = [metrics[f"las/{head}/p_{i}"] for i in range(len(grid))]
+        assert sum(fractions) == pytest.approx(1.0)
+        assert metrics[f"las/{head}/mean"] == pytest.approx(sum(f * g for f, g in zip(fractions, grid)))
+        assert min(grid) <= metrics[f"las/{head}/mean"] <= max(grid)
+    assert metrics["las/policy_updates"] == 1 and math.isfinite(metrics["las/reward"])
+    assert all(isinstance(k, str) and " " not in k for k in metrics)
+    again = defense.on_epoch_end(model, 1)
+    assert again["las/policy_updates"] == 0 and "las/reward" not in again  # reset each epoch
+
+
+# ------------------------------------------------------------------------------------ config, cost
+def test_cost_formula():
+    assert create_defense("las_at").cost() == Cost(9.5 + 34.5 / 20, 9.5 + 29.5 / 20)
+    quick = create_defense("las_at", {**QUICK, "update_every": 1})
+    # E = 1.5; extra F = E + 1 + 1 + 1*(1+1) + 2, extra B = E + 1 + 1*1
+    assert quick.cost() == Cost(2.5 + 7.5, 2.5 + 3.5)
+
+
+@pytest.mark.parametrize("key,value", [("update_every", 0), ("epsilon_ratios", []), ("label_smoothing", 1.0),
+                                       ("step_counts", [0, 3]), ("policy_lr", 0.0), ("reward", "mean")])
+def test_fields_are_validated(key, value):
+    with pytest.raises(ConfigError, match=key):
+        create_defense("las_at", {key: value})
+
+
+def test_strategy_net_for_32x32_inputs_is_a_resnet():
+    defense = create_defense("las_at", {"strategy_width": 8})
+    defense.setup(None, DefenseContext(epsilon=8 / 255, num_classes=10, input_shape=(3, 32, 32),
+                                       num_train_examples=10, epochs=1, steps_per_epoch=1,
+                                       device=torch.device("cpu")))
+    strategy = defense.sample_strategy(torch.rand(4, 3, 32, 32))
+    assert strategy.epsilon.shape == (4,) and torch.all(strategy.epsilon <= 15 / 8 * 8 / 255 + 1e-9)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in defense.strategy.modules()) > 10
+
+
+# ------------------------------------------------------------------------------ the loop, checkpoints
+def test_training_loop_epoch_and_checkpoint_round_trip():
+    overrides = ["data.name=synthetic", "data.val_size=500", "validation.examples=100", "train.batch_size=64",
+                 "train.epochs=1", "data.train_subset=640", "method.update_every=4"]
+    loop = TrainingLoop(load_config("las_at", overrides=overrides), log=lambda _: None)
+    metrics = loop.run_epoch()
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert metrics["train/las/policy_updates"] == 2  # 10 batches, k = 4
+    buffer = io.BytesIO()
+    torch.save(loop.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    fresh = TrainingLoop(load_config("las_at", overrides=overrides), log=lambda _: None)
+    fresh.load_state_dict(state, "test")
+    assert fresh.defense.batches_seen == 10 and fresh.defense.policy_updates == 2
+    for name, value in loop.defense.strategy.state_dict().items():
+        assert torch.equal(value, fresh.defense.strategy.state_dict()[name]), name
+    assert fresh.defense.policy_optimizer.state_dict()["param_groups"][0]["lr"] == 1e-4
