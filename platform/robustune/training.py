@@ -354,6 +354,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         log(f"resumed from {source} after epoch {loop.epoch}")
         if is_chief:  # epochs checkpointed before an interruption but never logged reach MLflow now
             log_new_epochs(uri, run_id, loop.history)
+        if loop.finished and loop.history:
+            # Interrupted after its last epoch: report it again so a listener (a Tune trial) sees the result.
+            ray.train.report(loop.history[-1])
 
     while not loop.finished:
         metrics = loop.run_epoch()
