@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustune.attacks import clamp_to_ball, uniform_start
+from robustune.losses import smoothed_targets, soft_cross_entropy
 from robustune.defense import Cost, Defense, DefenseContext, StepResult, register_defense
 
 IMT_UNCERTAIN = (0.3, 0.7)  # ATLD+: D's natural probability strictly inside this range halves the IMT step
@@ -57,17 +58,6 @@ class LatentDiscriminator(nn.Module):
 
     def forward(self, logits: Tensor) -> Tensor:
         return self.head(self.body(logits))
-
-
-def smoothed_targets(y: Tensor, num_classes: int, factor: float) -> Tensor:
-    """The authors' label smoothing: 1 - factor on the label, factor / (K - 1) on every other class."""
-    targets = torch.full((len(y), num_classes), factor / (num_classes - 1), device=y.device)
-    targets.scatter_(1, y[:, None], 1.0 - factor)
-    return targets
-
-
-def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 class ManifoldTransformedModel(nn.Module):

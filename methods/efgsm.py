@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustune.attacks import clamp_to_ball
+from robustune.losses import smoothed_cross_entropy
 from robustune.defense import Cost, Defense, DefenseContext, StepResult, register_defense
 
 _MERGE_CHUNK = 4096  # examples per chunk when folding the epoch's directions into Gamma (bounds memory)
@@ -128,7 +129,7 @@ class EFGSM(Defense):
     sigma_ratio: float = 0.5  # std of the start noise kappa, in units of eps (paper: a free hyperparameter)
     gamma_decay: float = 0.95  # Gamma <- decay * Gamma + sign(x_adv - x), once per epoch (Eq. 13)
     lambda_cls: float = 0.1  # weight of the classification loss (Eq. 16): 0.1 MNIST, 0.05 CIFAR-10 (Table 2)
-    label_smoothing: float = 0.1  # on the classification targets; the paper's factor is not given
+    label_smoothing: float = 0.1  # 1 - s on the label, s over the others (robustune.losses); paper gives no factor
     closest_class: Literal["runner_up", "all"] = "runner_up"  # i for Eq. 12: largest wrong logit, or exact min
     reconstructor_lr: float = 1e-3  # Adam learning rate of R
     reconstructor_channels: int = 16  # width of R's transposed convolutions
@@ -195,7 +196,7 @@ class EFGSM(Defense):
         x_adv, robust = self.perturb(model, x, y, idx)
         self._record_directions(idx, x_adv, x)
         logits = model(x_adv)
-        cls_loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        cls_loss = smoothed_cross_entropy(logits, y, self.label_smoothing)
         rec_loss = F.mse_loss(self.reconstructor(F.softmax(logits, dim=1)), x)
         loss = rec_loss + self.lambda_cls * cls_loss
         # `update` zeroes and steps only the target model; R's gradients come from the same backward.

@@ -60,17 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustune.attacks import clamp_to_ball
+from robustune.losses import smoothed_cross_entropy
 from robustune.defense import Cost, Defense, StepResult, register_defense
-
-
-def smoothed_cross_entropy(logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
-    """Mean CE against targets 1 - s on the true class and s / (C - 1) on each other class (the authors'
-    `_label_smoothing(label, factor)` with factor = 1 - s). s = 0 is plain CE."""
-    if smoothing == 0:
-        return F.cross_entropy(logits, y)
-    target = torch.full_like(logits, smoothing / (logits.shape[1] - 1), dtype=torch.float32)
-    target.scatter_(1, y[:, None], 1.0 - smoothing)
-    return F.cross_entropy(logits, target.to(logits.dtype))
 
 
 def prior_guided_loss(logits_adv: Tensor, logits_prior: Tensor, y: Tensor, lambda_: float,

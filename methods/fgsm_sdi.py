@@ -46,18 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustune.attacks import clamp_to_ball, input_gradient
+from robustune.losses import smoothed_cross_entropy
 from robustune.defense import Cost, Defense, DefenseContext, StepResult, register_defense
-
-
-def smoothed_cross_entropy(logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
-    """Mean CE against targets 1 - s on the true class and s / (C - 1) on each other class (the authors'
-    `_label_smoothing(label, factor)` with factor = 1 - s)."""
-    if smoothing == 0:
-        return F.cross_entropy(logits, y)
-    log_p = F.log_softmax(logits, dim=1)
-    target = torch.full_like(log_p, smoothing / (logits.shape[1] - 1))
-    target.scatter_(1, y[:, None], 1.0 - smoothing)
-    return -(target * log_p).sum(1).mean()
 
 
 class _PreActBlock(nn.Module):

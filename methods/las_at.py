@@ -28,8 +28,8 @@ With `reward="batch"` (the code) each term is a batch mean, one scalar reward fo
 clean correctness. Policy loss = sum over heads of mean(-log pi(a) * reward); gradients averaged over
 workers, clipped to norm `policy_grad_clip`, SGD without momentum at `policy_lr`.
 The authors' policy and target learning-rate schedules are not reproduced: the policy lr is constant and
-the look-ahead step uses the fixed `lookahead_lr` (the code uses the target's current lr; the defense
-cannot see the loop's schedule).
+the look-ahead step uses the target's current learning rate from the loop's schedule, as the code does
+(or a fixed `lookahead_lr` when set).
 
 Order per batch (as in the code): on every k-th batch (k = `update_every`; batches k, 2k, ... counted from
 the start of training) the policy is updated first (strategy net in train mode, its own draw of
@@ -60,7 +60,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Optional, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical
 
 from robustune.attacks import clamp_to_ball, input_gradient, per_example, pgd, uniform_start
+from robustune.losses import smoothed_cross_entropy
 from robustune.defense import Cost, Defense, DefenseContext, StepResult, register_defense
 
 HEADS = ("epsilon", "steps", "step_size")
@@ -75,17 +76,6 @@ ROBUST_ACC_SCALE = 4.0  # authors' code: R2 = robust accuracy x 4 (--R2_param)
 CLEAN_ACC_SCALE = 2.0  # authors' code: R3 = clean accuracy x 2 (--R3_param)
 L1_CLAMP = 10.0  # authors' code: R1 = clamp(CE, 0, 10)
 LOOKAHEAD_WEIGHT_DECAY = 5e-4  # authors' code: the copy's SGD (momentum 0.9 is moot for one step)
-
-
-def smoothed_cross_entropy(logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
-    """Mean CE against targets 1 - s on the true class and s / (C - 1) on each other class (the authors'
-    `_label_smoothing(label, factor)` with factor = 1 - s)."""
-    if smoothing == 0:
-        return F.cross_entropy(logits, y)
-    log_p = F.log_softmax(logits, dim=1)
-    target = torch.full_like(log_p, smoothing / (logits.shape[1] - 1))
-    target.scatter_(1, y[:, None], 1.0 - smoothing)
-    return -(target * log_p).sum(1).mean()
 
 
 def strategy_pgd(model: nn.Module, x: Tensor, y: Tensor, epsilon: Tensor, alpha: Tensor, steps: Tensor,
@@ -184,7 +174,7 @@ class LASAT(Defense):
     reward: Literal["batch", "per_sample"] = "batch"  # batch: code (one scalar); per_sample: paper's estimator
     policy_lr: float = 1e-4  # SGD without momentum (code)
     policy_grad_clip: float = 1.0  # max grad norm of the strategy net (code)
-    lookahead_lr: float = 0.1  # the copy's one SGD step (code: the target's current lr, 0.1 before decay)
+    lookahead_lr: Optional[float] = None  # the copy's one SGD step; None: the target's current lr (the code)
     reward_pgd_steps: int = 10  # L2's attack on the copy (code: PGD-10, step 2/255 at 8/255, 2 restarts)
     reward_pgd_restarts: int = 2
     reward_pgd_alpha_ratio: float = 0.25
@@ -212,7 +202,9 @@ class LASAT(Defense):
         for name in ("alpha", "beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("policy_lr", "policy_grad_clip", "lookahead_lr", "reward_pgd_alpha_ratio"):
+        if self.lookahead_lr is not None and not self.lookahead_lr > 0:
+            raise ValueError(f"lookahead_lr must be > 0 (or null: the target's current lr), got {self.lookahead_lr}")
+        for name in ("policy_lr", "policy_grad_clip", "reward_pgd_alpha_ratio"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("reward_pgd_steps", "reward_pgd_restarts", "strategy_width"):
@@ -234,6 +226,7 @@ class LASAT(Defense):
 
     def setup(self, model: nn.Module, ctx: DefenseContext) -> None:
         super().setup(model, ctx)
+        self._step = 0
         grids = self.grids()
         with torch.random.fork_rng(devices=[]):  # same initial strategy net on every worker
             torch.manual_seed(ctx.seed + 104_729)
@@ -292,11 +285,13 @@ class LASAT(Defense):
         shadow = self._lookahead
         shadow.train(model.training)
         params = [p for p in shadow.parameters() if p.requires_grad]
+        lookahead_lr = (self.lookahead_lr if self.lookahead_lr is not None
+                        else self.ctx.current_learning_rate(self._step))
         loss = smoothed_cross_entropy(shadow(x_adv), y, self.label_smoothing)
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             for p, g in zip(params, grads):
-                p.add_(g + LOOKAHEAD_WEIGHT_DECAY * p, alpha=-self.lookahead_lr)
+                p.add_(g + LOOKAHEAD_WEIGHT_DECAY * p, alpha=-lookahead_lr)
         return shadow
 
     def compute_reward(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor
@@ -347,6 +342,7 @@ class LASAT(Defense):
 
     # ----------------------------------------------------------------------------------------- hooks
     def train_step(self, model, x, y, idx, step, update) -> StepResult:
+        self._step = step  # the look-ahead copy steps with the loop's learning rate at this step
         self.batches_seen += 1
         if self.batches_seen % self.update_every == 0:
             self.update_policy(model, x, y)

@@ -24,7 +24,8 @@ def make(params=None, epsilon=EPS, batch=16, seed=0):
     defense = create_defense("las_at", params)
     defense.setup(model, DefenseContext(epsilon=epsilon, num_classes=10, input_shape=(1, 28, 28),
                                         num_train_examples=100, epochs=1, steps_per_epoch=1,
-                                        device=torch.device("cpu"), seed=seed))
+                                        device=torch.device("cpu"), seed=seed,
+                                        learning_rate=lambda step: 0.1))
     g = torch.Generator().manual_seed(seed + 1)
     x, y = torch.rand(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g)
     return model, defense, x, y
@@ -303,3 +304,13 @@ def test_training_loop_epoch_and_checkpoint_round_trip():
     for name, value in loop.defense.strategy.state_dict().items():
         assert torch.equal(value, fresh.defense.strategy.state_dict()[name]), name
     assert fresh.defense.policy_optimizer.state_dict()["param_groups"][0]["lr"] == 1e-4
+
+
+def test_lookahead_steps_with_the_loops_learning_rate():
+    """Without a fixed lookahead_lr the copy's SGD step uses the loop's schedule at the current step."""
+    model, defense, x, y = make(QUICK, batch=16)
+    rates = []
+    defense.ctx.learning_rate = lambda step: rates.append(step) or 0.05
+    defense._step = 7
+    defense.compute_reward(model, x, y, x)
+    assert rates == [7]

@@ -51,6 +51,12 @@ class DefenseContext:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
+    learning_rate: Callable[[int], float] | None = None  # the loop's schedule: lr at a global step
+
+    def current_learning_rate(self, step: int) -> float:
+        if self.learning_rate is None:
+            raise RuntimeError("this DefenseContext was built without the loop's learning-rate schedule")
+        return self.learning_rate(step)
 
     def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
         """Average gradients over data-parallel workers; a defense calls it for its own auxiliary nets."""

@@ -108,7 +108,8 @@ class TrainingLoop:
         self.defense.setup(self.model, DefenseContext(
             epsilon=config.epsilon, num_classes=self.info.num_classes, input_shape=self.info.input_shape,
             num_train_examples=len(self.splits.train), epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
-            device=self.device, rank=rank, world_size=world_size, seed=config.seed))
+            device=self.device, rank=rank, world_size=world_size, seed=config.seed,
+            learning_rate=lambda step: learning_rate(train, step, self.total_steps)))
 
         # data.val_size=0 (a refit on training + validation data): no validation, the last epoch is kept.
         self.has_validation = self.splits.val is not None
