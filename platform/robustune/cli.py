@@ -95,10 +95,10 @@ def command_methods() -> int:
     for name in list_defenses():
         defense = create_defense(name)
         rows.append((name, str(defense.cost()), type(defense).summary))
-    width = max(len(r[0]) for r in rows)
-    print(f"{'method':<{width}}  {'cost':>8}  description")
+    width, cost_width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    print(f"{'method':<{width}}  {'cost/batch':>{cost_width}}  description")
     for name, cost, summary in rows:
-        print(f"{name:<{width}}  {cost:>8}  {summary}")
+        print(f"{name:<{width}}  {cost:>{cost_width}}  {summary}")
     return 0
 
 
