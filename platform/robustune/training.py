@@ -315,6 +315,17 @@ def format_epoch(metrics: dict[str, float], epochs: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ worker
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report (all metrics) at INFO from a logger named after its file; that drowns
+    the one progress line per epoch."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: the lines stay, nothing else changes
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def write_line(text: str) -> None:
     # Not print(): Ray Train patches print in workers and the driver would show every line twice.
     sys.stdout.write(text + "\n")
@@ -330,7 +341,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from robustune.evaluation import evaluate, format_report
 
     config = resolve_config(loop_config["config"])
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress
+    quiet_ray_train_reports()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(loop_config["threads"])
