@@ -10,6 +10,7 @@ from robustune.config import ConfigError, load_config
 from robustune.defense import Cost, DefenseContext, create_defense
 from robustune.models import create_model
 from robustune.training import TrainingLoop
+from helpers import sgd_update
 
 EPS = 0.1
 N = 100
@@ -32,16 +33,6 @@ def batch(n=16, seed=1):
     x[:, :, :4] = 0.0  # pixels on the box's faces: the box projection must hold
     x[:, :, -4:] = 1.0
     return x, torch.randint(0, 10, (n,), generator=g)
-
-
-def sgd_update(model, lr=0.05):
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-
-    def update(loss):
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return update
 
 
 class Recorder(nn.Module):

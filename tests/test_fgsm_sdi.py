@@ -13,6 +13,7 @@ from robustune.defense import Cost, DefenseContext, create_defense
 from robustune.methods.fgsm_sdi import smoothed_cross_entropy
 from robustune.models import create_model
 from robustune.training import TrainingLoop
+from helpers import sgd_update, snapshot
 
 EPS = 0.1
 SMALL = {"generator_width": 8}  # the generator's width does not change what is tested; keep tests fast
@@ -28,20 +29,6 @@ def make(params=None, epsilon=EPS, batch=16, seed=0):
     g = torch.Generator().manual_seed(seed + 1)
     x, y = torch.rand(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g)
     return model, defense, x, y
-
-
-def sgd_update(model, lr=0.05):
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-
-    def update(loss):
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return update
-
-
-def snapshot(module):
-    return [p.detach().clone() for p in module.parameters()]
 
 
 def changed(before, module):

@@ -12,6 +12,7 @@ from robustune.defense import Cost, DefenseContext, create_defense
 from robustune.models import create_model
 from robustune.training import TrainingLoop
 from robustune.methods.las_at import smoothed_cross_entropy, strategy_pgd
+from helpers import sgd_update, snapshot
 
 EPS = 0.1
 # Small settings so a policy update is cheap in tests.
@@ -29,20 +30,6 @@ def make(params=None, epsilon=EPS, batch=16, seed=0):
     g = torch.Generator().manual_seed(seed + 1)
     x, y = torch.rand(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g)
     return model, defense, x, y
-
-
-def sgd_update(model, lr=0.05):
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-
-    def update(loss):
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return update
-
-
-def snapshot(module):
-    return [p.detach().clone() for p in module.parameters()]
 
 
 def changed(before, module):
