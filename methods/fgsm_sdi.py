@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustune.attacks import clamp_to_ball, input_gradient

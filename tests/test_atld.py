@@ -1,6 +1,5 @@
 """ATLD: label-free latent-manifold examples, the logit discriminator, the consistency weight and IMT."""
 
-import copy
 import io
 
 import pytest

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from robustune.config import load_config
 from robustune.training import run_training
 
-from conftest import REPO, fashion_mnist_dir
+from conftest import fashion_mnist_dir
 
 EPOCH_METRICS = ["train/loss", "train/acc", "train/clean_acc", "val/clean_acc", "val/pgd_acc",
                  "time/epoch_s", "time/total_s", "alarm/overfit"]
