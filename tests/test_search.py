@@ -49,11 +49,19 @@ def test_space_file_errors(tmp_path):
         load_space("fgsm_rs", tmp_path / "missing.yaml")
 
 
-def test_every_defense_ships_a_valid_space():
-    for defense in list_defenses():
-        assert default_space_path(defense).is_file(), f"search_spaces/{defense}.yaml is missing"
-        space = load_space(defense)
-        assert space, defense
+@pytest.mark.parametrize("defense", list_defenses())
+def test_every_defense_ships_a_valid_space_holding_its_defaults(defense):
+    """Every range end makes a valid run, and the defaults lie inside the space, so a search evaluates them
+    first and can say whether it beat them."""
+    from robustune.config import load_config
+    from robustune.search import default_point
+    from robustune.search_space import check_samples_resolve
+
+    assert default_space_path(defense).is_file(), f"search_spaces/{defense}.yaml is missing"
+    space = load_space(defense)
+    base = load_config(defense).to_dict()
+    check_samples_resolve(space, base)
+    assert default_point(defense, space, base) is not None, f"{defense}'s defaults lie outside its space"
 
 
 def test_space_values_that_make_invalid_runs_are_refused():

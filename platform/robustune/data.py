@@ -8,6 +8,7 @@ order and the per-example indices (`idx`) depend only on (seed, epoch, rank, wor
 from __future__ import annotations
 
 import gzip
+import importlib
 import math
 import os
 import pickle
@@ -370,8 +371,8 @@ def _download(name: str, data_dir: str | os.PathLike[str] | None) -> Path:
         root = Path(os.environ[ENV_DATA_DIR]).expanduser() / name
     else:
         root = (_repo_root() or Path.cwd()) / "data" / name
-    try:
-        import torchvision  # noqa: PLC0415 - optional dependency, only for downloads
+    try:  # optional dependency, imported only when a download is asked for
+        torchvision = importlib.import_module("torchvision")
     except ImportError as e:
         raise DataError(
             f"dataset {name!r} is not on disk and download needs torchvision, which is not "
