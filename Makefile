@@ -7,12 +7,13 @@ TORCH_SPEC ?= torch==2.13.0
 DATA_DIR ?= data
 STAMP := $(VENV)/.robustune-installed
 
-.PHONY: setup data demo test test-slow benchmark clean help
+.PHONY: setup data demo test test-slow test-faults benchmark clean help
 
 help:
-	@echo "make demo       set up, get Fashion-MNIST, train fgsm_rs on Ray Train and log it to MLflow"
+	@echo "make demo       set up, get Fashion-MNIST, run the default study (LAS-AT vs tuned baselines) -> leaderboard"
 	@echo "make test       set up, get Fashion-MNIST, run the tests"
 	@echo "make test-slow  the longer accuracy checks (real training on Fashion-MNIST)"
+	@echo "make test-faults  only the fault-injection tests: killed Ray worker, dead MLflow server, bad checkpoints, full disk"
 	@echo "make benchmark  Ray Train + MLflow overhead per epoch versus a bare loop"
 	@echo "make setup      only create $(VENV) and install the project"
 
@@ -28,13 +29,17 @@ data:
 	bash scripts/get_fashion_mnist.sh $(DATA_DIR)
 
 demo: setup data
-	$(VENV)/bin/robustune train fgsm_rs --set epsilon=0.1
+	$(VENV)/bin/robustune study
 
+# Includes the `faults` tests (about 4 min of the total on 2 cores); `make test-faults` runs only those.
 test: setup data
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: setup data
 	$(PY) -m pytest -q -m slow
+
+test-faults: setup data
+	$(PY) -m pytest -q -m faults
 
 benchmark: setup data
 	$(PY) benchmarks/overhead.py

@@ -41,7 +41,7 @@ def main() -> None:
     rows = []
     for method in args.methods or list_defenses():
         overrides = [f"data.train_subset={args.train_subset}", f"data.test_subset={args.test_subset}",
-                     f"train.epochs={args.epochs}", "epsilon=0.1", f"eval.autoattack_points={args.aa_points}",
+                     f"train.epochs={args.epochs}", "epsilon=0.1", f"eval.points={args.aa_points}",
                      f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
                      f"tracking.output_dir={workdir / 'runs'}", *args.overrides, *extra.get(method, [])]
         try:

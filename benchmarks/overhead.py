@@ -37,7 +37,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="robustune-bench-"))
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     overrides = [f"data.train_subset={args.train_subset}", f"train.epochs={args.epochs}",
-                 "eval.autoattack=none", "data.test_subset=1000", f"tracking.tracking_uri={uri}",
+                 "eval.protocol=custom", "eval.autoattack=none", "data.test_subset=1000", f"tracking.tracking_uri={uri}",
                  f"tracking.output_dir={workdir / 'runs'}", *args.overrides]
     config = load_config(args.method, overrides=overrides)
     threads = worker_threads(config)

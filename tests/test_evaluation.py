@@ -50,7 +50,7 @@ class Constant(nn.Module):
 
 
 def config(**overrides) -> EvalConfig:
-    settings = dict(pgd_steps=10, autoattack="fast", autoattack_points=24, batch_size=16)
+    settings = dict(protocol="custom", pgd_steps=10, autoattack="fast", points=24, batch_size=16, checks=False)
     settings.update(overrides)
     return EvalConfig(**settings)
 
@@ -78,7 +78,7 @@ def test_accuracies_match_direct_computation_and_are_ordered(problem, basic_repo
         correct = model(x).argmax(1) == y
     assert report["clean_acc"] == pytest.approx(correct.float().mean().item())
     assert report["aa_clean_acc"] == pytest.approx(correct[:24].float().mean().item())
-    assert (report["n_clean"], report["n_pgd"], report["n_aa"]) == (64, 64, 24)
+    assert (report["n_clean"], report["n_pgd"], report["n_aa"]) == (64, 24, 24)
     assert 0.5 < report["clean_acc"] < 1.0  # the problem is neither trivial nor hopeless
     assert report["pgd_acc"] < report["clean_acc"]  # the attack does something at eps 0.05
     assert report["aa_acc"] <= report["aa_clean_acc"] <= 1.0
@@ -87,14 +87,15 @@ def test_accuracies_match_direct_computation_and_are_ordered(problem, basic_repo
     assert report["autoattack"]["package"].startswith("pyautoattack ")
     assert report["pgd"] == {"steps": 10, "restarts": 1, "alpha": pytest.approx(0.25 * EPS), "alpha_ratio": 0.25,
                              "loss": "ce", "random_start": True}
-    assert report["protocol"] == "robustune-final/1" and report["norm"] == "Linf" and report["epsilon"] == EPS
+    assert report["protocol"] == "custom" and report["norm"] == "Linf" and report["epsilon"] == EPS
+    assert report["robust_acc"] <= min(report["pgd_acc"], report["aa_acc"])
     json.dumps(report)  # JSON-serializable as is
 
 
 def test_zero_epsilon_gives_clean_accuracy_everywhere(problem):
     model, x, y = problem
     report = evaluate(model, x, y, epsilon=0.0, config=config(), log=lambda _: None)
-    assert report["pgd_acc"] == report["clean_acc"]
+    assert report["pgd_acc"] == report["aa_clean_acc"]  # clean accuracy on the attacked points
     assert report["aa_acc"] == report["aa_clean_acc"]
     assert report["autoattack"]["attacks"] == list(FAST_ATTACKS)
 
@@ -119,7 +120,7 @@ def test_separable_data_large_epsilon_breaks_the_model():
         model[1].weight.copy_(torch.stack([-torch.ones(64), torch.ones(64)]) / 64 * 10)
         model[1].bias.copy_(torch.tensor([5.0, -5.0]))
     logs: list[str] = []
-    report = evaluate(model, x, y, epsilon=0.5, config=config(autoattack_points=8), log=logs.append)
+    report = evaluate(model, x, y, epsilon=0.5, config=config(points=8), log=logs.append)
     assert report["clean_acc"] == 1.0
     assert report["pgd_acc"] < 0.1
     assert report["aa_acc"] < 0.1
@@ -168,13 +169,13 @@ def test_autoattack_none_runs_no_autoattack(problem, monkeypatch):
     report = evaluate(model, x, y, epsilon=EPS, config=config(autoattack="none"), log=lambda _: None)
     assert report["aa_acc"] is None and report["aa_clean_acc"] is None and report["n_aa"] == 0
     assert report["autoattack"]["attacks"] == [] and report["autoattack"]["version"] == "none"
-    assert report["seconds"]["autoattack"] == 0.0
+    assert "autoattack" not in report["seconds"]
     assert "AutoAttack" in format_report(report) and "not run" in format_report(report)
 
 
 def test_standard_runs_four_attacks_without_touching_parameters(problem):
     model, x, y = problem
-    report = evaluate(model, x, y, epsilon=EPS, config=config(autoattack="standard", autoattack_points=6),
+    report = evaluate(model, x, y, epsilon=EPS, config=config(autoattack="standard", points=6),
                       log=lambda _: None)
     assert report["autoattack"]["attacks"] == list(STANDARD_ATTACKS)
     assert report["aa_acc"] <= report["aa_clean_acc"]
@@ -200,13 +201,18 @@ def test_fast_settings_mirror_the_standard_version(problem):
         (standard.fab.n_restarts, standard.fab.n_target_classes, standard.square.n_queries)
 
 
-def test_batched_autoattack_matches_one_pyautoattack_call(problem, tmp_path):
+def test_chunked_autoattack_matches_pyautoattack_run_per_chunk(problem, tmp_path):
     model, x, y = problem
     evaluate(model, x, y, epsilon=EPS, config=config(batch_size=8), state_dir=tmp_path, log=lambda _: None)
-    ours = json.loads((tmp_path / "autoattack_state.json").read_text())["robust"]
-    aa = build_autoattack(model, epsilon=EPS, attacks=FAST_ATTACKS, n_classes=4, device="cpu", seed=0)
-    _, y_adv = aa.run_standard_evaluation(x[:24], y[:24], batch_size=8)
-    assert ours == (y_adv == y[:24]).int().tolist()
+    files = sorted((tmp_path / "autoattack").glob("chunk-*.json"))
+    assert len(files) == 3  # 24 points in chunks of 8
+    ours = [flag for f in files for flag in json.loads(f.read_text())["robust"]]
+    expected = []
+    for start in (0, 8, 16):
+        aa = build_autoattack(model, epsilon=EPS, attacks=FAST_ATTACKS, n_classes=4, device="cpu", seed=0)
+        _, y_adv = aa.run_standard_evaluation(x[start:start + 8], y[start:start + 8], batch_size=8)
+        expected += (y_adv == y[start:start + 8]).int().tolist()
+    assert ours == expected
 
 
 def test_adversarial_examples_outside_the_ball_raise(problem, monkeypatch):
@@ -237,45 +243,50 @@ def count_builds(monkeypatch) -> list[int]:
 def test_second_call_with_state_dir_reuses_the_finished_autoattack(problem, basic_report, tmp_path, monkeypatch):
     model, x, y = problem
     first = evaluate(model, x, y, epsilon=EPS, config=config(), state_dir=tmp_path, log=lambda _: None)
-    assert first["aa_acc"] == basic_report["aa_acc"] and first["autoattack"]["resumed"] is False
+    assert first["aa_acc"] == basic_report["aa_acc"] and first["autoattack"]["resumed_chunks"] == 0
     calls = count_builds(monkeypatch)
     second = evaluate(model, x, y, epsilon=EPS, config=config(), state_dir=tmp_path, log=lambda _: None)
     assert second["aa_acc"] == first["aa_acc"]
-    assert second["autoattack"]["resumed"] is True and calls == []  # nothing left to attack
+    assert second["autoattack"]["resumed_chunks"] == 2 and calls == []  # nothing left to attack
 
 
-def test_interrupted_autoattack_resumes_to_the_same_result(problem, tmp_path, monkeypatch):
+def test_interrupted_autoattack_resumes_to_the_same_flags(problem, tmp_path, monkeypatch):
     model, x, y = problem
-    cfg = config(batch_size=8)  # 24 AutoAttack points: several batches per attack
+    cfg = config(batch_size=8)  # 24 AutoAttack points: 3 chunks x 2 attacks
     calls = count_builds(monkeypatch)
-    fresh = evaluate(model, x, y, epsilon=EPS, config=cfg, log=lambda _: None)
-    total_batches = len(calls)
-    assert total_batches >= 4
+    fresh = evaluate(model, x, y, epsilon=EPS, config=cfg, state_dir=tmp_path / "fresh", log=lambda _: None)
+    total = len(calls)
+    assert total >= 4
 
     class Interrupted(Exception):
         pass
 
-    real_save = evaluation._save_state
+    real_save = evaluation._save_json
     saves = []
 
     def save_then_die(*args):
         saves.append(1)
-        if len(saves) == 4:  # initial save + 2 batches persisted; the 3rd batch's result is lost
+        if len(saves) == 4:  # chunk 1 done (2 saves), chunk 2's first attack saved; its second is lost
             raise Interrupted
         real_save(*args)
 
-    monkeypatch.setattr(evaluation, "_save_state", save_then_die)
+    monkeypatch.setattr(evaluation, "_save_json", save_then_die)
     with pytest.raises(Interrupted):
-        evaluate(model, x, y, epsilon=EPS, config=cfg, state_dir=tmp_path, log=lambda _: None)
-    monkeypatch.setattr(evaluation, "_save_state", real_save)
+        evaluate(model, x, y, epsilon=EPS, config=cfg, state_dir=tmp_path / "run", log=lambda _: None)
+    monkeypatch.setattr(evaluation, "_save_json", real_save)
 
     calls.clear()
     logs: list[str] = []
-    resumed = evaluate(model, x, y, epsilon=EPS, config=cfg, state_dir=tmp_path, log=logs.append)
-    assert resumed["autoattack"]["resumed"] is True
-    assert len(calls) == total_batches - 2  # the two saved batches are not attacked again
+    resumed = evaluate(model, x, y, epsilon=EPS, config=cfg, state_dir=tmp_path / "run", log=logs.append)
+    assert resumed["autoattack"]["resumed_chunks"] == 2
+    assert len(calls) == total - 3  # the three saved (chunk, attack) steps are not attacked again
     assert without_seconds(resumed) == {**without_seconds(fresh), "autoattack": resumed["autoattack"]}
-    assert any("resumes" in line for line in logs)
+
+    def flags(folder):
+        return [json.loads(f.read_text())["robust"] for f in sorted((folder / "autoattack").glob("chunk-*.json"))]
+
+    assert flags(tmp_path / "run") == flags(tmp_path / "fresh")
+    assert any("(resumed)" in line for line in logs)
 
 
 def test_state_from_another_setting_is_ignored(problem, tmp_path):
@@ -284,7 +295,7 @@ def test_state_from_another_setting_is_ignored(problem, tmp_path):
     logs: list[str] = []
     other = evaluate(model, x, y, epsilon=0.1, config=config(), state_dir=tmp_path, log=logs.append)
     plain = evaluate(model, x, y, epsilon=0.1, config=config(), log=lambda _: None)
-    assert other["autoattack"]["resumed"] is False
+    assert other["autoattack"]["resumed_chunks"] == 0
     assert other["aa_acc"] == plain["aa_acc"]
     assert any("ignoring" in line for line in logs)
 
@@ -311,6 +322,66 @@ def test_model_is_in_eval_mode_during_evaluation_and_restored_after(problem):
     model = nn.Sequential(Recorder(), nn.Dropout(0.5), base)
     model.train()
     model[2].eval()  # mixed modes must come back exactly as they were
-    evaluate(model, x, y, epsilon=EPS, config=config(autoattack_points=4), log=lambda _: None)
+    evaluate(model, x, y, epsilon=EPS, config=config(points=4), log=lambda _: None)
     assert seen and not any(seen)
     assert model.training and model[0].training and model[1].training and not model[2].training
+
+
+# ------------------------------------------------------------------------------ protocols, masking checks
+class ZeroGradient(nn.Module):
+    """A test-only 'defense' that masks gradients: inputs are quantized (round has zero gradient everywhere),
+    so white-box attacks see no signal, while the classifier behind it is as fragile as ever."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 8) / 8)
+
+
+def test_healthy_model_passes_every_masking_check(problem):
+    model, x, y = problem
+    report = evaluate(model, x, y, epsilon=EPS, config=config(checks=True), log=lambda _: None)
+    checks = report["checks"]
+    assert checks["points"] == 24
+    assert all(checks[name]["passed"] for name in ("more_steps", "larger_epsilon", "unbounded", "black_box")), checks
+    assert checks["unbounded"]["acc"] <= 0.05
+    assert not any("gradient masking" in w for w in report["warnings"]), report["warnings"]
+
+
+def test_zero_gradient_wrapper_is_flagged_as_gradient_masking(problem):
+    model, x, y = problem
+    masked = ZeroGradient(model)
+    logs: list[str] = []
+    report = evaluate(masked, x, y, epsilon=0.15, config=config(checks=True), log=logs.append)
+    checks = report["checks"]
+    assert not checks["unbounded"]["passed"]  # no gradient: the unbounded attack cannot move from the image
+    assert not checks["black_box"]["passed"]  # Square, needing no gradient, fools what PGD/APGD could not
+    masking = [w for w in report["warnings"] if w.startswith("gradient masking?")]
+    assert len(masking) >= 2, report["warnings"]
+    assert "FAILED" in format_report(report) and any("gradient masking?" in line for line in logs)
+
+
+def test_quick_protocol_fixes_attacks_and_custom_fields_are_refused():
+    from robustune.config import ConfigError
+    from robustune.evaluation import resolve_protocol
+
+    quick = resolve_protocol(EvalConfig(points=300))
+    assert (quick.name, quick.pgd_steps, quick.pgd_restarts, quick.autoattack, quick.points) == \
+        ("quick/1", 20, 1, "fast", 300)
+    full = resolve_protocol(EvalConfig(protocol="full"))
+    assert (full.name, full.pgd_steps, full.pgd_restarts, full.cw_steps, full.autoattack, full.points) == \
+        ("full/1", 50, 10, 50, "standard", None)
+    with pytest.raises(ConfigError, match="eval.pgd_steps only applies to eval.protocol=custom"):
+        EvalConfig(protocol="quick", pgd_steps=7)
+
+
+def test_full_protocol_runs_cw_and_every_attack_on_all_points(problem):
+    model, x, y = problem
+    report = evaluate(model, x[:16], y[:16], epsilon=EPS,
+                      config=EvalConfig(protocol="full", batch_size=16, checks=False), log=lambda _: None)
+    assert report["protocol"] == "full/1" and report["n_pgd"] == report["n_aa"] == 16
+    assert report["pgd"]["restarts"] == 10 and report["cw"]["steps"] == 50 and report["cw_acc"] is not None
+    assert report["autoattack"]["attacks"] == list(STANDARD_ATTACKS)
+    assert report["robust_acc"] <= min(report["pgd_acc"], report["cw_acc"], report["aa_acc"])

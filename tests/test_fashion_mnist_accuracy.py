@@ -24,7 +24,7 @@ def results(tmp_path_factory):
         for method in ("standard", "fgsm_rs", "pgd"):
             config = load_config(method, overrides=[
                 f"data.data_dir={fashion_mnist_dir()}", "data.train_subset=10000", "train.epochs=3",
-                "epsilon=0.1", "eval.autoattack_points=500",
+                "epsilon=0.1", "eval.points=500",
                 f"tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}", f"tracking.output_dir={folder / 'runs'}"])
             reports[method] = run_training(config, log=lambda _: None).report
     finally:

@@ -20,7 +20,7 @@ from conftest import fashion_mnist_dir
 EPOCH_METRICS = ["train/loss", "train/acc", "train/clean_acc", "val/clean_acc", "val/pgd_acc",
                  "time/epoch_s", "time/total_s", "alarm/overfit"]
 SMALL = ["data.name=synthetic", "data.val_size=500", "validation.examples=200", "data.test_subset=200",
-         "eval.autoattack_points=40", "train.batch_size=64"]
+         "eval.points=40", "train.batch_size=64"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_training_run_is_tracked_in_mlflow(local_ray, tmp_path, mlflow_uri):
     assert run.data.params["method.alpha_ratio"] == "1.25" and run.data.params["train.epochs"] == "2"
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "eval", "checkpoint"} <= artifacts
-    report = json.loads(Path(client.download_artifacts(outcome.run_id, "eval/report.json", str(tmp_path))).read_text())
+    report = json.loads(Path(client.download_artifacts(outcome.run_id, "eval/quick/report.json", str(tmp_path))).read_text())
     assert report["pgd"]["steps"] == 20 and report["n_aa"] == 40
     assert report["autoattack"]["attacks"] == ["apgd-ce", "apgd-t"]
     assert report == outcome.report
@@ -62,7 +62,7 @@ def test_training_run_is_tracked_in_mlflow(local_ray, tmp_path, mlflow_uri):
 
 def test_two_workers_log_one_run(local_ray, tmp_path, mlflow_uri):
     config = small_config(tmp_path, mlflow_uri, "fgsm_rs", "train.epochs=1", "resources.num_workers=2",
-                          "resources.cpus_per_worker=1", "eval.autoattack=none")
+                          "resources.cpus_per_worker=1", "eval.protocol=custom", "eval.autoattack=none")
     outcome = run_training(config, log=lambda _: None)
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("robustune").experiment_id])
@@ -75,7 +75,7 @@ def test_nan_loss_fails_the_run_cleanly(local_ray, tmp_path, mlflow_uri):
     from robustune.training import TrainingError
 
     config = small_config(tmp_path, mlflow_uri, "standard", "train.epochs=1", "train.lr=1e30",
-                          "train.momentum=0.0", "eval.autoattack=none")
+                          "train.momentum=0.0", "eval.protocol=custom", "eval.autoattack=none")
     with pytest.raises(TrainingError, match="loss became (nan|inf)"):
         run_training(config, log=lambda _: None)
     run = MlflowClient(mlflow_uri).search_runs([MlflowClient(mlflow_uri).get_experiment_by_name("robustune").experiment_id])[0]
@@ -92,7 +92,7 @@ def test_killed_run_resumes_in_the_same_mlflow_run(tmp_path, mlflow_uri):
     """Kill the whole process tree after epoch 2 is logged; --resume continues at epoch 3, same run."""
     # PGD-10 makes an epoch last seconds, so the kill lands between epochs 2 and 3.
     args = ["train", "pgd", *[f"--set={o}" for o in SMALL], "--set=train.epochs=4",
-            f"--set=tracking.tracking_uri={mlflow_uri}", "--set=eval.autoattack=none",
+            f"--set=tracking.tracking_uri={mlflow_uri}", "--set=eval.protocol=custom", "--set=eval.autoattack=none",
             "--set=tracking.run_name=killme"]
     process = robustune_cli(*args, cwd=tmp_path)
     client = MlflowClient(mlflow_uri)
@@ -148,7 +148,7 @@ def test_fashion_mnist_end_to_end(local_ray, tmp_path, mlflow_uri):
     """Real data through the whole path: Fashion-MNIST subset, one epoch, evaluation with AutoAttack."""
     config = load_config("fgsm_rs", overrides=[
         f"data.data_dir={fashion_mnist_dir()}", "data.train_subset=3000", "data.test_subset=500",
-        "train.epochs=1", "validation.examples=300", "eval.autoattack_points=30",
+        "train.epochs=1", "validation.examples=300", "eval.points=30",
         f"tracking.tracking_uri={mlflow_uri}", f"tracking.output_dir={tmp_path / 'runs'}"])
     outcome = run_training(config, log=lambda _: None)
     assert outcome.report["n_clean"] == 500 and outcome.report["epsilon"] == pytest.approx(0.1)

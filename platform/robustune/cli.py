@@ -78,9 +78,35 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--refit", action="store_true",
                         help="then retrain the best config on training + validation data and evaluate it on test")
 
-    from robustune import calibrate
+    study = commands.add_parser(
+        "study", help="run a study: tune and train several defenses the same way, evaluate, build the leaderboard",
+        description="Run a study definition (YAML; default: the shipped default study, LAS-AT against PGD-AT tuned "
+                    "on LAS-AT's training compute plus tuned FGSM-RS, SLAT, FGSM-PGI, EAE and standard training on "
+                    "Fashion-MNIST): searches on validation data, final runs over the study's seeds, one fixed "
+                    "evaluation protocol on the test split, and the leaderboard. Everything is logged under one "
+                    "MLflow parent run; an interrupted study continues with --resume.",
+        epilog=textwrap.dedent("""\
+            examples:
+              robustune study                                   # search_spaces/studies/default.yaml
+              robustune study my_study.yaml --set data.train_subset=20000
+              robustune study --check                           # validate the definition, run nothing
+              robustune study --resume runs/study-default-20261121-101500
+              RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:8265 ray job submit --working-dir . -- robustune study
+            """), formatter_class=argparse.RawDescriptionHelpFormatter)
+    study.add_argument("file", nargs="?", help="study definition YAML (default: the shipped default study)")
+    study.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                       help="override a run setting of every defense, e.g. --set train.epochs=2 (repeatable)")
+    study.add_argument("--resume", metavar="STUDY_DIR", help="continue an interrupted study")
+    study.add_argument("--check", action="store_true", help="validate the definition and exit")
 
+    from robustune import calibrate, evaluate_run, leaderboard
+
+    evaluate_run.add_parser(commands)
+    leaderboard.add_parser(commands)
     calibrate.add_parser(commands)
+    from robustune import sync
+
+    sync.add_parser(commands)
 
     commands.add_parser("methods", help="list the defenses with their cost and one-line description",
                         description="List every registered defense: name, cost in forward/backward passes "
@@ -150,6 +176,24 @@ def command_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_study(args: argparse.Namespace) -> int:
+    from robustune.study import load_study, resume_study, start_study
+
+    if args.resume:
+        if args.file or args.overrides:
+            raise SystemExit("robustune study: --resume continues a study with its own saved definition; "
+                             "drop the file and --set arguments")
+        resume_study(args.resume)
+        return 0
+    study = load_study(args.file, args.overrides)
+    if args.check:
+        print(f"study {study.name} ({study.source}): valid; {len(study.entries)} defenses "
+              f"({', '.join(e.label for e in study.entries)}), seeds {study.seeds}")
+        return 0
+    start_study(study)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from robustune.checkpoints import CheckpointError
     from robustune.config import ConfigError
@@ -165,6 +209,20 @@ def main(argv: list[str] | None = None) -> int:
             return command_train(args)
         if args.command == "search":
             return command_search(args)
+        if args.command == "study":
+            return command_study(args)
+        if args.command == "evaluate":
+            from robustune import evaluate_run
+
+            return evaluate_run.command(args)
+        if args.command == "report":
+            from robustune import leaderboard
+
+            return leaderboard.command(args)
+        if args.command == "sync":
+            from robustune import sync
+
+            return sync.command(args)
         if args.command == "calibrate-eae":
             from robustune import calibrate
 

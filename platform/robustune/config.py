@@ -191,21 +191,39 @@ class ValidationConfig:
 
 @dataclass
 class EvalConfig:
-    """Final evaluation on the test split, once training ends."""
+    """Final evaluation on the test split, by a fixed, versioned protocol (see robustune.evaluation).
+
+    `quick` and `full` fix every attack setting, so numbers are comparable across runs and studies; the attack
+    fields below apply only to `protocol: custom` (their defaults are quick's settings)."""
 
     enabled: bool = True  # search trials turn it off: a search never touches the test split
+    protocol: Literal["quick", "full", "custom"] = "quick"
+    points: int = 1000  # quick/custom: attacks run on the first N test examples (full: the whole test set)
+    checks: bool = True  # gradient-masking checks (more steps, larger eps, unbounded, black-box vs white-box)
+    workers: int = 1  # AutoAttack shards run as this many Ray tasks (`robustune evaluate`, studies)
+    batch_size: int = 500
+    # custom protocol only:
     pgd_steps: int = 20
     pgd_restarts: int = 1
     pgd_alpha_ratio: float = 0.25  # PGD step size in units of epsilon
+    cw_steps: int = 0  # PGD on the CW margin loss; 0 = not run
     autoattack: Literal["fast", "standard", "none"] = "fast"  # fast = APGD-CE + APGD-T
-    autoattack_points: int = 1000  # AutoAttack runs on the first N test examples (deterministic)
-    batch_size: int = 500
+
+    CUSTOM_ONLY = ("pgd_steps", "pgd_restarts", "pgd_alpha_ratio", "cw_steps", "autoattack")
 
     def __post_init__(self) -> None:
-        if self.pgd_steps < 1 or self.pgd_restarts < 1 or self.autoattack_points < 1 or self.batch_size < 1:
-            raise ConfigError(f"eval: steps, restarts, points and batch size must be >= 1, got {self}")
+        if self.pgd_steps < 1 or self.pgd_restarts < 1 or self.points < 1 or self.batch_size < 1 \
+                or self.workers < 1 or self.cw_steps < 0:
+            raise ConfigError(f"eval: steps, restarts, points, workers and batch size must be >= 1 "
+                              f"(cw_steps >= 0), got {self}")
         if self.pgd_alpha_ratio <= 0:
             raise ConfigError(f"eval.pgd_alpha_ratio must be > 0, got {self.pgd_alpha_ratio}")
+        if self.protocol != "custom":
+            changed = [name for name in self.CUSTOM_ONLY
+                       if getattr(self, name) != EvalConfig.__dataclass_fields__[name].default]
+            if changed:
+                raise ConfigError(f"eval.{changed[0]} only applies to eval.protocol=custom: the {self.protocol} "
+                                  f"protocol fixes every attack setting (set eval.protocol=custom to choose)")
 
 
 @dataclass

@@ -249,7 +249,49 @@ def check_available(name: str, data_dir: str | os.PathLike[str] | None = None, d
     Called before any run starts, so a wrong --data-dir costs seconds, not a Ray start-up."""
     if name == "synthetic" or download:
         return
-    resolve_data_dir(name, data_dir)
+    folder = resolve_data_dir(name, data_dir)
+    if name not in _CIFAR_FOLDERS:  # IDX: headers and sizes only, so a wrong or truncated file fails here too
+        info = dataset_info(name)
+        for split in ("train", "t10k"):
+            images = _check_idx_header(_idx_file(folder, f"{split}-images-idx3-ubyte"), 3)
+            labels = _check_idx_header(_idx_file(folder, f"{split}-labels-idx1-ubyte"), 1)
+            if images[0] != labels[0] or images[1:] != info.input_shape[1:]:
+                raise DataError(f"{folder}: {split} files hold {images[0]} images of {images[1]}x{images[2]} and "
+                                f"{labels[0]} labels; {name} needs as many labels as images of "
+                                f"{info.input_shape[1]}x{info.input_shape[2]}; wrong files, replace them")
+
+
+def _check_idx_header(path: Path, expected_ndim: int) -> tuple[int, ...]:
+    """The dims of an IDX file from its header, checking the magic number and the file's length without
+    reading the data (a gzip file's length is its trailer's uncompressed size)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+            f.seek(max(0, size - 4))
+            trailer = f.read(4)
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            head = f.read(4 + 4 * expected_ndim)
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {path}: {e}; the file is corrupt or truncated, replace it") from e
+    expected_magic = 0x0800 + expected_ndim
+    magic = int.from_bytes(head[:4], "big") if len(head) >= 4 else None
+    if magic != expected_magic:
+        found = "no header" if magic is None else f"magic number 0x{magic:08x}"
+        raise DataError(f"IDX file {path} has {found}, expected magic 0x{expected_magic:08x} (unsigned-byte "
+                        f"data with {expected_ndim} dimensions); wrong or corrupt file, replace it")
+    if len(head) < 4 + 4 * expected_ndim:
+        raise DataError(f"IDX file {path} is truncated inside its header; replace it")
+    dims = tuple(int(d) for d in np.frombuffer(head, dtype=">u4", count=expected_ndim, offset=4))
+    expected_len = 4 + 4 * expected_ndim + math.prod(dims)
+    if gzipped and int.from_bytes(trailer, "little") != expected_len % 2**32:
+        raise DataError(f"IDX file {path} is truncated or corrupt: header dims {dims} need {expected_len} bytes, "
+                        f"its gzip trailer says {int.from_bytes(trailer, 'little')}; replace it")
+    if not gzipped and size != expected_len:
+        what = "truncated" if size < expected_len else "longer than its header says"
+        raise DataError(f"IDX file {path} is {what}: header dims {dims} need {expected_len} bytes, "
+                        f"the file has {size}; replace it")
+    return dims
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,17 +1,26 @@
-"""Final robustness evaluation: clean accuracy, PGD and AutoAttack on a fixed test set, as one JSON report.
+"""Final robustness evaluation by a fixed, versioned protocol, with gradient-masking checks, as one JSON report.
 
-`evaluate` runs, in order, clean accuracy on all N examples, PGD (our `robustune.attacks.pgd`, seeded) on all N,
-and AutoAttack (pyautoattack) on the first `config.autoattack_points` examples. Everything is deterministic
-given `seed`; the report's numbers are reproducible, only `seconds` varies.
+Protocols (like AutoAttack's versions, each fixes every setting so numbers compare across runs and studies):
 
-AutoAttack and pyautoattack 0.2.0: its own resume (`state_path=`) cannot work: the state file stores the attack
-set as `str(set)`, so reloading always fails with "different set of attacks"; a restored state also leaves
-`y_adv` unassigned (UnboundLocalError) and a state written before the clean pass ends cannot be loaded.
-So we run AutoAttack the way `run_standard_evaluation` does internally -- each attack in turn, on the points
-still robust, in batches of `batch_size` in index order, every call seeded with `seed` -- but one pyautoattack
-call per (attack, batch), and checkpoint the robust flags after every batch in our own state file. An
-uninterrupted run gives exactly the flags a single pyautoattack call would; a resumed run gives the same
-flags as an uninterrupted one (the batches left to do are the same batches).
+    quick/1   clean on the whole test set; PGD-20 (1 restart, step eps/4) and AutoAttack "fast" (APGD-CE +
+              APGD-T with the standard version's settings) on the first `eval.points` test examples
+    full/1    clean, PGD-50 with 10 restarts (step eps/10), CW-50 (PGD on the margin loss) and AutoAttack
+              "standard" (APGD-CE, APGD-T, FAB-T, Square) on the whole test set
+    custom    the attack fields of EvalConfig (reports say "custom"; leaderboards mark it)
+
+Every evaluation also runs gradient-masking checks on the first `check_points` attacked examples: more PGD
+steps must not raise accuracy, a larger epsilon must not raise accuracy, an unbounded attack must fool ~every
+point, and black-box Square must not fool points that every white-box attack left robust. pyautoattack's own
+checks are collected too. Each failure is a line in `warnings` (and the `eval/warning` MLflow tag).
+
+AutoAttack runs in fixed chunks of `batch_size` points: each chunk goes through the attacks in turn, every
+attack seeing the chunk's points still robust (what `run_standard_evaluation` does per batch). A chunk's flags
+depend only on the model, its points and the seed, so the result is the same whether chunks run in this process
+or sharded across Ray tasks (`eval.workers`), and whether or not the evaluation was interrupted: each chunk's
+progress is saved after every attack under `state_dir/autoattack/` and a rerun resumes from it.
+
+pyautoattack 0.2.0's own `state_path` resume cannot work (it stores the attack set as `str(set)`, so a reload
+always fails with "different set of attacks"), hence our own per-chunk state.
 """
 
 from __future__ import annotations
@@ -20,25 +29,51 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from robustune.attacks import accuracy_counts, pgd
+from robustune.attacks import pgd
 from robustune.config import EvalConfig
 
-__all__ = ["PROTOCOL", "FAST_ATTACKS", "STANDARD_ATTACKS", "evaluate", "format_report", "build_autoattack"]
+__all__ = ["Protocol", "resolve_protocol", "FAST_ATTACKS", "STANDARD_ATTACKS", "evaluate", "format_report",
+           "build_autoattack"]
 
-PROTOCOL = "robustune-final/1"
-STATE_FORMAT = "robustune-autoattack-state/1"
-STATE_FILE = "autoattack_state.json"
+STATE_FORMAT = "robustune-autoattack-chunk/1"
+STATE_FOLDER = "autoattack"
 FAST_ATTACKS = ("apgd-ce", "apgd-t")
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 BALL_TOLERANCE = 1e-6
+UNBOUNDED_MAX_ACC = 0.05  # an attack allowed the whole image box should fool at least 95% of the points
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str  # versioned: a change of any setting gets a new version
+    pgd_steps: int
+    pgd_restarts: int
+    pgd_alpha_ratio: float  # PGD step in units of epsilon
+    cw_steps: int  # 0: no CW attack
+    cw_alpha_ratio: float
+    autoattack: str  # fast | standard | none
+    points: int | None  # attacked test examples (the first N); None: all
+    check_points: int  # gradient-masking checks run on the first N attacked examples
+    square_queries: int  # the black-box check's query budget
+
+
+def resolve_protocol(config: EvalConfig) -> Protocol:
+    if config.protocol == "quick":
+        return Protocol("quick/1", 20, 1, 0.25, 0, 0.25, "fast", config.points, 200, 1000)
+    if config.protocol == "full":
+        return Protocol("full/1", 50, 10, 0.1, 50, 0.1, "standard", None, 1000, 5000)
+    return Protocol("custom", config.pgd_steps, config.pgd_restarts, config.pgd_alpha_ratio, config.cw_steps,
+                    config.pgd_alpha_ratio, config.autoattack, config.points, min(config.points, 200), 1000)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -105,51 +140,6 @@ def build_autoattack(model: nn.Module, *, epsilon: float, attacks: Sequence[str]
     return aa
 
 
-def _fingerprint(model: nn.Module, x: Tensor, y: Tensor, epsilon: float, attacks: list[str], seed: int,
-                 batch_size: int) -> dict:
-    """What an AutoAttack state belongs to: a state from another model, data or setting must not be reused."""
-    def digest(tensors) -> str:
-        h = hashlib.sha256()
-        for name, t in tensors:
-            t = t.detach().cpu().contiguous().reshape(-1)
-            h.update(f"{name}:{t.dtype}:{t.numel()};".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
-
-    return {"model": digest(model.state_dict().items()), "data": digest([("x", x), ("y", y)]),
-            "epsilon": float(epsilon), "attacks": list(attacks), "seed": int(seed),
-            "batch_size": int(batch_size), "n": int(x.shape[0]), "package": _package_version()}
-
-
-def _load_state(path: Path, fingerprint: dict, log: Callable[[str], None]) -> dict | None:
-    """The saved AutoAttack progress if it belongs to this evaluation, else None (the stale file is ignored)."""
-    if not path.exists():
-        return None
-    try:
-        state = json.loads(path.read_text())
-        if state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint:
-            log(f"eval: ignoring {path} (saved for another model, data or AutoAttack setting); starting afresh")
-            return None
-        n = fingerprint["n"]
-        robust = torch.tensor(state["robust"], dtype=torch.bool)
-        attacked = {a: torch.tensor(state["attacked"][a], dtype=torch.bool) for a in fingerprint["attacks"]}
-        if robust.shape != (n,) or any(v.shape != (n,) for v in attacked.values()):
-            raise ValueError("flag lists have the wrong length")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        log(f"eval: ignoring unreadable AutoAttack state {path} ({error}); starting afresh")
-        return None
-    return {"robust": robust, "attacked": attacked}
-
-
-def _save_state(path: Path, fingerprint: dict, robust: Tensor, attacked: dict[str, Tensor]) -> None:
-    """Write atomically, so an interruption mid-write leaves the previous checkpoint intact."""
-    data = {"format": STATE_FORMAT, "fingerprint": fingerprint, "robust": robust.int().tolist(),
-            "attacked": {a: flags.int().tolist() for a, flags in attacked.items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 class _CollectWarnings(logging.Handler):
     """Collects pyautoattack's check messages (it logs them to 'auto-attack' at WARNING)."""
 
@@ -169,7 +159,6 @@ def _summarize_warnings(messages: list[str]) -> list[str]:
     return [m if c == 1 else f"{m} (x{c})" for m, c in counts.items()]
 
 
-# ----------------------------------------------------------------------------------------- phases
 @torch.no_grad()
 def _clean_predictions(model: nn.Module, images: Tensor, batch_size: int,
                        device: torch.device) -> tuple[Tensor, int]:
@@ -183,84 +172,249 @@ def _clean_predictions(model: nn.Module, images: Tensor, batch_size: int,
     return torch.cat(preds), n_classes
 
 
-def _pgd_correct(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon: float, alpha: float, config: EvalConfig,
-                 device: torch.device, seed: int) -> int:
+
+def _digest(named_tensors) -> str:
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{t.numel()};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_json(path: Path, data: dict) -> None:
+    """Write atomically, so an interruption mid-write leaves the previous state intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------- phases
+def _pgd_robust(model: nn.Module, x: Tensor, y: Tensor, *, epsilon: float, alpha: float, steps: int, restarts: int,
+                loss: str, device: torch.device, seed: int, batch_size: int, random_start: bool = True) -> Tensor:
+    """Per-example robust flags (N,) on the CPU under PGD (seeded, deterministic)."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    correct = 0
-    for start, end in _batches(images.shape[0], config.batch_size):
-        x, y = images[start:end].to(device), labels[start:end].to(device)
-        x_adv = pgd(model, x, y, epsilon, alpha=alpha, steps=config.pgd_steps, restarts=config.pgd_restarts,
-                    random_start=True, loss="ce", generator=generator)
-        _check_adversarial(x_adv, x, epsilon, "PGD")
-        correct += accuracy_counts(model, x_adv, y)
-    return correct
+    flags = []
+    for start, end in _batches(x.shape[0], batch_size):
+        xb, yb = x[start:end].to(device), y[start:end].to(device)
+        x_adv = pgd(model, xb, yb, epsilon, alpha=alpha, steps=steps, restarts=restarts, random_start=random_start,
+                    loss=loss, generator=generator)
+        _check_adversarial(x_adv, xb, epsilon, f"PGD ({loss})")
+        with torch.no_grad():
+            flags.append((model(x_adv).argmax(1) == yb).cpu())
+    return torch.cat(flags)
+
+
+def attack_chunks(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tensor, chunks: list[tuple[int, int]], *,
+                  epsilon: float, attacks: list[str], n_classes: int, device: torch.device | str, seed: int,
+                  state_dir: str | None, model_digest: str, log: Callable[[str], None]) -> dict:
+    """AutoAttack on the given chunks of (x, y): {"flags": {start: robust flags}, "messages": [...], "resumed": n}.
+
+    Runs in the evaluating process or in a Ray task (one per shard); each chunk's progress is saved after every
+    attack in state_dir/autoattack/chunk-<start>-<end>.json and reused when its fingerprint matches."""
+    import pyautoattack.checks
+
+    device = torch.device(device)
+    model = model.to(device).eval()
+    # pyautoattack's dynamic-defense check counts calls in a module-global dict it never resets: without this,
+    # a model evaluated after a test-time defense in the same process is flagged as dynamic too.
+    for name in pyautoattack.checks.funcs:
+        pyautoattack.checks.funcs[name] = 0
+    messages: list[str] = []
+    aa_logger = logging.getLogger("auto-attack")
+    handler = _CollectWarnings(messages)
+    saved_logger = (aa_logger.level, aa_logger.propagate)
+    aa_logger.addHandler(handler)
+    aa_logger.setLevel(logging.WARNING)
+    aa_logger.propagate = False  # its warnings go to the report, not to stderr
+    folder = Path(state_dir) / STATE_FOLDER if state_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    results, resumed = {}, 0
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for start, end in chunks:
+                xc, yc = x[start:end], y[start:end]
+                fingerprint = {"model": model_digest, "data": _digest([("x", xc), ("y", yc)]),
+                               "epsilon": float(epsilon), "attacks": list(attacks), "seed": int(seed),
+                               "chunk": [start, end], "package": _package_version()}
+                path = folder / f"chunk-{start:07d}-{end:07d}.json" if folder is not None else None
+                robust, done = clean_correct[start:end].clone(), []
+                saved = _load_chunk(path, fingerprint, log) if path is not None else None
+                if saved is not None:
+                    robust, done = saved
+                    resumed += 1
+                t0 = time.perf_counter()
+                for attack in attacks:
+                    if attack in done:
+                        continue
+                    idx = torch.nonzero(robust).flatten()
+                    if len(idx):
+                        aa = build_autoattack(model, epsilon=epsilon, attacks=[attack], n_classes=n_classes,
+                                              device=device, seed=seed)
+                        xb, yb = xc[idx], yc[idx]
+                        x_adv, y_adv = aa.run_standard_evaluation(xb, yb, batch_size=len(idx))
+                        # y_adv: the model's prediction on x_adv as the attack left it; check the examples
+                        # and that the predictions reproduce.
+                        _check_adversarial(x_adv, xb, epsilon, f"AutoAttack {attack}")
+                        y_adv = y_adv.cpu()
+                        with torch.no_grad():
+                            again = model(x_adv.to(device)).argmax(1).cpu()
+                        if (again != y_adv).any():
+                            messages.append(f"AutoAttack {attack}: {int((again != y_adv).sum())} predictions on "
+                                            "the adversarial examples changed when re-evaluated (randomized model?)")
+                        robust[idx] = y_adv == yb
+                    done.append(attack)
+                    if path is not None:
+                        _save_json(path, {"format": STATE_FORMAT, "fingerprint": fingerprint,
+                                          "robust": robust.int().tolist(), "done": done})
+                results[start] = robust
+                log(f"eval: AutoAttack points {start}-{end}: robust {robust.float().mean().item():.4f}"
+                    + (" (resumed)" if saved is not None else f" in {time.perf_counter() - t0:.1f}s"))
+        messages.extend(f"{w.category.__name__}: {w.message}" for w in caught)
+    finally:
+        aa_logger.removeHandler(handler)
+        aa_logger.setLevel(saved_logger[0])
+        aa_logger.propagate = saved_logger[1]
+    return {"flags": results, "messages": messages, "resumed": resumed}
+
+
+def _load_chunk(path: Path, fingerprint: dict, log: Callable[[str], None]) -> tuple[Tensor, list[str]] | None:
+    """A chunk's saved flags and finished attacks if they belong to this evaluation, else None."""
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        if state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint:
+            log(f"eval: ignoring {path} (saved for another model, data or AutoAttack setting)")
+            return None
+        robust = torch.tensor(state["robust"], dtype=torch.bool)
+        start, end = fingerprint["chunk"]
+        if robust.shape != (end - start,) or not set(state["done"]) <= set(fingerprint["attacks"]):
+            raise ValueError("flags or attack list do not match the chunk")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log(f"eval: ignoring unreadable AutoAttack state {path} ({error})")
+        return None
+    return robust, list(state["done"])
+
+
+def _shard_task(model, x, y, clean_correct, chunks, kwargs, threads):
+    torch.set_num_threads(threads)
+    return attack_chunks(model, x, y, clean_correct, chunks, log=_write_line, **kwargs)
+
+
+def _write_line(text: str) -> None:
+    sys.stdout.write(text + "\n")  # Ray forwards task output to the driver
+    sys.stdout.flush()
 
 
 def _run_autoattack(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tensor, *, epsilon: float,
                     attacks: list[str], n_classes: int, batch_size: int, device: torch.device, seed: int,
-                    state_path: Path | None, log: Callable[[str], None], messages: list[str]) -> tuple[Tensor, bool]:
-    """Robust flags (n,) after every attack in `attacks`; and whether saved progress was resumed."""
-    import pyautoattack.checks
+                    state_dir: Path | None, workers: int, log: Callable[[str], None]) -> tuple[Tensor, list[str], int]:
+    """Robust flags after every attack, pyautoattack's messages, and how many chunks were resumed."""
+    chunks = list(_batches(x.shape[0], batch_size))
+    kwargs = dict(epsilon=epsilon, attacks=attacks, n_classes=n_classes, seed=seed,
+                  state_dir=str(state_dir) if state_dir is not None else None,
+                  model_digest=_digest(model.state_dict().items()))
+    workers = min(workers, len(chunks))
+    if workers <= 1:
+        outcomes = [attack_chunks(model, x, y, clean_correct, chunks, device=device, log=log, **kwargs)]
+    else:
+        import ray
 
-    # pyautoattack's dynamic-defense check counts calls in a module-global dict it never resets: without
-    # this, a model evaluated after a test-time defense in the same process is flagged as dynamic too.
-    for name in pyautoattack.checks.funcs:
-        pyautoattack.checks.funcs[name] = 0
-    robust = clean_correct.clone()
-    attacked = {a: torch.zeros_like(robust) for a in attacks}
-    fingerprint = None
-    resumed = False
-    if state_path is not None:
-        fingerprint = _fingerprint(model, x, y, epsilon, attacks, seed, batch_size)
-        state = _load_state(state_path, fingerprint, log)
-        if state is not None:
-            robust, attacked, resumed = state["robust"], state["attacked"], True
-            done = sum(int(v.sum()) for v in attacked.values())
-            log(f"eval: AutoAttack resumes from {state_path} ({done} point-attacks already done)")
-        else:
-            _save_state(state_path, fingerprint, robust, attacked)
+        from robustune.training import ensure_ray
 
-    for attack in attacks:
-        start_time = time.perf_counter()
-        # Like run_standard_evaluation: this attack sees only the points still robust, in index order.
-        todo = torch.nonzero(robust & ~attacked[attack]).flatten()
-        for start, end in _batches(len(todo), batch_size):
-            idx = todo[start:end]
-            xb, yb = x[idx], y[idx]
-            aa = build_autoattack(model, epsilon=epsilon, attacks=[attack], n_classes=n_classes,
-                                  device=device, seed=seed)
-            x_adv, y_adv = aa.run_standard_evaluation(xb, yb, batch_size=len(idx))
-            # y_adv is the model's prediction on x_adv as the attack left it (the clean prediction where the
-            # attack failed); robust = y_adv == y. Check the examples and that the predictions reproduce.
-            _check_adversarial(x_adv, xb, epsilon, f"AutoAttack {attack}")
-            y_adv = y_adv.cpu()
-            with torch.no_grad():
-                again = model(x_adv.to(device)).argmax(1).cpu()
-            if (again != y_adv).any():
-                messages.append(f"AutoAttack {attack}: {int((again != y_adv).sum())} predictions on the "
-                                "adversarial examples changed when re-evaluated (non-deterministic model?)")
-            robust[idx] = y_adv == yb
-            attacked[attack][idx] = True
-            if state_path is not None:
-                _save_state(state_path, fingerprint, robust, attacked)
-        log(f"eval: AutoAttack {attack}: robust {robust.float().mean().item():.4f} on {len(robust)} points "
-            f"({len(todo)} attacked) in {time.perf_counter() - start_time:.1f}s")
-    return robust, resumed
+        ensure_ray()
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+        on_gpu = device.type == "cuda"
+        task = ray.remote(_shard_task).options(num_cpus=cpus, num_gpus=1 if on_gpu else 0)
+        model_ref = ray.put(model.cpu() if not on_gpu else model)
+        log(f"eval: AutoAttack sharded over {workers} Ray tasks ({len(chunks)} chunks of {batch_size} points)")
+        futures = [task.remote(model_ref, x, y, clean_correct, chunks[k::workers],
+                               {**kwargs, "device": "cuda" if on_gpu else "cpu"}, cpus) for k in range(workers)]
+        outcomes = ray.get(futures)
+        model.to(device)
+    robust = torch.cat([o["flags"][start] for start, _ in chunks for o in outcomes if start in o["flags"]])
+    messages = [m for o in outcomes for m in o["messages"]]
+    return robust, messages, sum(o["resumed"] for o in outcomes)
+
+
+def _square_robust(model: nn.Module, x: Tensor, y: Tensor, robust_before: Tensor, *, epsilon: float, queries: int,
+                   n_classes: int, device: torch.device, seed: int) -> Tensor:
+    """Black-box Square (pyautoattack) on the points in `robust_before`; flags after it."""
+    robust = robust_before.clone()
+    idx = torch.nonzero(robust).flatten()
+    if len(idx) == 0:
+        return robust
+    aa = build_autoattack(model, epsilon=epsilon, attacks=["square"], n_classes=n_classes, device=device, seed=seed)
+    aa.square.n_queries = queries
+    x_adv, y_adv = aa.run_standard_evaluation(x[idx], y[idx], batch_size=len(idx))
+    _check_adversarial(x_adv, x[idx], epsilon, "Square")
+    robust[idx] = y_adv.cpu() == y[idx]
+    return robust
+
+
+def _masking_checks(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tensor, whitebox: Tensor, *,
+                    epsilon: float, protocol: Protocol, n_classes: int, device: torch.device, seed: int,
+                    batch_size: int) -> tuple[dict, list[str]]:
+    """The four gradient-masking checks on the first `protocol.check_points` attacked points."""
+    m = min(x.shape[0], protocol.check_points)
+    x, y, clean_correct, whitebox = x[:m], y[:m], clean_correct[:m], whitebox[:m]
+    # Paired comparisons on the same points; the slack absorbs the random starts' noise.
+    slack = 0.02 + 1.0 / m
+    steps, ratio = protocol.pgd_steps, protocol.pgd_alpha_ratio
+    common = dict(device=device, seed=seed, batch_size=batch_size)
+    base = _pgd_robust(model, x, y, epsilon=epsilon, alpha=ratio * epsilon, steps=steps, restarts=1, loss="ce",
+                       **common).float().mean().item()
+    more = _pgd_robust(model, x, y, epsilon=epsilon, alpha=ratio * epsilon, steps=4 * steps, restarts=1, loss="ce",
+                       **common).float().mean().item()
+    wide_eps = min(1.0, 2 * epsilon)
+    wide = _pgd_robust(model, x, y, epsilon=wide_eps, alpha=ratio * wide_eps, steps=steps, restarts=1, loss="ce",
+                       **common).float().mean().item()
+    # Unbounded: the whole image box, from the clean image (a random start could fool a model by itself).
+    unbounded = _pgd_robust(model, x, y, epsilon=1.0, alpha=0.02, steps=100, restarts=1, loss="cw",
+                            random_start=False, **common).float().mean().item()
+    square = _square_robust(model, x, y, clean_correct & whitebox, epsilon=epsilon, queries=protocol.square_queries,
+                            n_classes=n_classes, device=device, seed=seed)
+    black_box_only = int((whitebox & ~square).sum())
+    checks = {
+        "points": m, "slack": slack,
+        "more_steps": {"steps": [steps, 4 * steps], "acc": [base, more], "passed": more <= base + slack},
+        "larger_epsilon": {"epsilon": [epsilon, wide_eps], "acc": [base, wide], "passed": wide <= base + slack},
+        "unbounded": {"epsilon": 1.0, "steps": 100, "loss": "cw", "acc": unbounded,
+                      "passed": unbounded <= UNBOUNDED_MAX_ACC},
+        "black_box": {"attack": "square", "queries": protocol.square_queries,
+                      "fooled_only_by_black_box": black_box_only, "passed": black_box_only / m <= slack},
+    }
+    problems = []
+    if not checks["more_steps"]["passed"]:
+        problems.append(f"gradient masking? PGD-{4 * steps} accuracy {more:.3f} exceeds PGD-{steps}'s {base:.3f} "
+                        f"on {m} points (more steps must not help the model)")
+    if not checks["larger_epsilon"]["passed"]:
+        problems.append(f"gradient masking? accuracy at eps {wide_eps:.4g} ({wide:.3f}) exceeds accuracy at eps "
+                        f"{epsilon:.4g} ({base:.3f}) on {m} points (a larger ball must not help the model)")
+    if not checks["unbounded"]["passed"]:
+        problems.append(f"gradient masking? an unbounded attack (eps 1, PGD-100 on the margin loss) leaves "
+                        f"{unbounded:.1%} of {m} points correctly classified; it should fool ~all of them")
+    if not checks["black_box"]["passed"]:
+        problems.append(f"gradient masking? black-box Square ({protocol.square_queries} queries) fools "
+                        f"{black_box_only} of {m} points that every white-box attack left robust")
+    return checks, problems
 
 
 # --------------------------------------------------------------------------------------------- API
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon: float, config: EvalConfig,
              device: torch.device | str = "cpu", seed: int = 0, state_dir: Path | None = None,
              log: Callable[[str], None] = print) -> dict:
-    """Clean, PGD and AutoAttack accuracy of `model` on (images, labels) under an Linf radius `epsilon`.
+    """Accuracy of `model` on (images, labels) under the protocol `config.protocol`, with masking checks.
 
     images: float (N, C, H, W) in [0, 1] on the CPU (moved to `device` batch by batch); labels: int64 (N,).
     The model maps [0, 1] inputs to logits. It is put in eval mode for the whole evaluation (each module's
     mode is restored afterwards) and its parameters stop requiring gradients meanwhile (FAB calls
     .backward(), which would otherwise accumulate into .grad). The global torch RNG is left as it was
-    (pyautoattack reseeds it). With `state_dir`, AutoAttack progress is checkpointed to
-    state_dir/autoattack_state.json and a later call with the same model and data resumes from it.
-    Returns the JSON-serializable report described in the module docs (`PROTOCOL`).
+    (pyautoattack reseeds it). With `state_dir`, AutoAttack progress is saved there and a later call with the
+    same model and data resumes from it. Returns a JSON-serializable report.
     """
     device = torch.device(device)
     if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0] or images.shape[0] == 0:
@@ -268,9 +422,13 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon: float
                          f"got {tuple(images.shape)} and {tuple(labels.shape)}")
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+    protocol = resolve_protocol(config)
     images, labels = images.detach().cpu().float(), labels.detach().cpu().long()
     n = images.shape[0]
-    alpha = config.pgd_alpha_ratio * epsilon
+    n_attack = n if protocol.points is None else min(n, protocol.points)
+    x, y = images[:n_attack], labels[:n_attack]
+    batch = config.batch_size
+    seconds: dict[str, float] = {}
 
     modes = {module: module.training for module in model.modules()}
     grad_flags = {param: param.requires_grad for param in model.parameters()}
@@ -281,57 +439,61 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon: float
         if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda_devices):
-            # 1. clean
             t0 = time.perf_counter()
-            preds, n_classes = _clean_predictions(model, images, config.batch_size, device)
+            preds, n_classes = _clean_predictions(model, images, batch, device)
             clean_correct = preds == labels
             clean_acc = clean_correct.float().mean().item()
-            seconds_clean = time.perf_counter() - t0
-            log(f"eval: clean acc {clean_acc:.4f} on {n} points in {seconds_clean:.1f}s")
+            seconds["clean"] = time.perf_counter() - t0
+            log(f"eval [{protocol.name}]: clean acc {clean_acc:.4f} on {n} points in {seconds['clean']:.1f}s")
+            clean_correct = clean_correct[:n_attack]
 
-            # 2. PGD
             t0 = time.perf_counter()
-            pgd_acc = _pgd_correct(model, images, labels, epsilon=epsilon, alpha=alpha, config=config,
-                                   device=device, seed=seed) / n
-            seconds_pgd = time.perf_counter() - t0
-            restarts = "restart" if config.pgd_restarts == 1 else "restarts"
-            log(f"eval: PGD-{config.pgd_steps} ({config.pgd_restarts} {restarts}) acc {pgd_acc:.4f} "
-                f"on {n} points in {seconds_pgd:.1f}s")
+            alpha = protocol.pgd_alpha_ratio * epsilon
+            pgd_flags = _pgd_robust(model, x, y, epsilon=epsilon, alpha=alpha, steps=protocol.pgd_steps,
+                                    restarts=protocol.pgd_restarts, loss="ce", device=device, seed=seed,
+                                    batch_size=batch)
+            seconds["pgd"] = time.perf_counter() - t0
+            pgd_acc = pgd_flags.float().mean().item()
+            restarts = "restart" if protocol.pgd_restarts == 1 else "restarts"
+            log(f"eval: PGD-{protocol.pgd_steps} ({protocol.pgd_restarts} {restarts}) acc {pgd_acc:.4f} "
+                f"on {n_attack} points in {seconds['pgd']:.1f}s")
+            whitebox = pgd_flags.clone()
 
-            # 3. AutoAttack on the first autoattack_points examples
-            attacks, messages = _autoattack_list(config.autoattack, n_classes)
-            aa_acc = aa_clean_acc = None
-            n_aa, seconds_aa, resumed = 0, 0.0, False
-            if config.autoattack != "none":
-                n_aa = min(n, config.autoattack_points)
+            cw_acc = None
+            if protocol.cw_steps:
                 t0 = time.perf_counter()
-                aa_logger = logging.getLogger("auto-attack")
-                handler = _CollectWarnings(messages)
-                saved = (aa_logger.level, aa_logger.propagate)
-                aa_logger.addHandler(handler)
-                aa_logger.setLevel(logging.WARNING)
-                aa_logger.propagate = False  # its warnings go to the report and `log`, not to stderr
-                state_path = None
-                if state_dir is not None:
-                    Path(state_dir).mkdir(parents=True, exist_ok=True)
-                    state_path = Path(state_dir) / STATE_FILE
-                try:
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always")
-                        robust, resumed = _run_autoattack(
-                            model, images[:n_aa], labels[:n_aa], clean_correct[:n_aa], epsilon=epsilon,
-                            attacks=attacks, n_classes=n_classes, batch_size=config.batch_size, device=device,
-                            seed=seed, state_path=state_path, log=log, messages=messages)
-                    messages.extend(f"{w.category.__name__}: {w.message}" for w in caught)
-                finally:
-                    aa_logger.removeHandler(handler)
-                    aa_logger.setLevel(saved[0])
-                    aa_logger.propagate = saved[1]
-                aa_acc = robust.float().mean().item()
-                aa_clean_acc = clean_correct[:n_aa].float().mean().item()
-                seconds_aa = time.perf_counter() - t0
-                log(f"eval: AutoAttack {config.autoattack} [{', '.join(attacks)}] acc {aa_acc:.4f} "
-                    f"on {n_aa} points in {seconds_aa:.1f}s")
+                cw_flags = _pgd_robust(model, x, y, epsilon=epsilon, alpha=protocol.cw_alpha_ratio * epsilon,
+                                       steps=protocol.cw_steps, restarts=1, loss="cw", device=device, seed=seed,
+                                       batch_size=batch)
+                seconds["cw"] = time.perf_counter() - t0
+                cw_acc = cw_flags.float().mean().item()
+                whitebox &= cw_flags
+                log(f"eval: CW-{protocol.cw_steps} acc {cw_acc:.4f} on {n_attack} points in {seconds['cw']:.1f}s")
+
+            attacks, messages = _autoattack_list(protocol.autoattack, n_classes)
+            aa_acc, resumed_chunks = None, 0
+            if protocol.autoattack != "none":
+                t0 = time.perf_counter()
+                aa_flags, aa_messages, resumed_chunks = _run_autoattack(
+                    model, x, y, clean_correct, epsilon=epsilon, attacks=attacks, n_classes=n_classes,
+                    batch_size=batch, device=device, seed=seed, state_dir=state_dir, workers=config.workers, log=log)
+                messages += aa_messages
+                seconds["autoattack"] = time.perf_counter() - t0
+                aa_acc = aa_flags.float().mean().item()
+                whitebox &= aa_flags
+                log(f"eval: AutoAttack {protocol.autoattack} [{', '.join(attacks)}] acc {aa_acc:.4f} "
+                    f"on {n_attack} points in {seconds['autoattack']:.1f}s")
+
+            checks = None
+            if config.checks and epsilon > 0:
+                t0 = time.perf_counter()
+                checks, problems = _masking_checks(model, x, y, clean_correct, whitebox, epsilon=epsilon,
+                                                   protocol=protocol, n_classes=n_classes, device=device, seed=seed,
+                                                   batch_size=batch)
+                messages += problems
+                seconds["checks"] = time.perf_counter() - t0
+                log(f"eval: gradient-masking checks on {checks['points']} points: "
+                    f"{'all passed' if not problems else f'{len(problems)} failed'} in {seconds['checks']:.1f}s")
             report_warnings = _summarize_warnings(messages)
             for message in report_warnings:
                 log(f"eval: warning: {message}")
@@ -341,37 +503,51 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon: float
         for param, flag in grad_flags.items():
             param.requires_grad_(flag)
 
-    autoattack = {"version": config.autoattack, "attacks": attacks, "package": _package_version()}
-    if config.autoattack != "none":
-        autoattack["resumed"] = resumed
+    autoattack = {"version": protocol.autoattack, "attacks": attacks, "package": _package_version()}
+    if protocol.autoattack != "none":
+        autoattack.update({"resumed_chunks": resumed_chunks, "shards": config.workers, "chunk_points": batch})
     return {
-        "protocol": PROTOCOL,
+        "protocol": protocol.name, "settings": asdict(protocol),
         "epsilon": float(epsilon), "norm": "Linf",
         "clean_acc": clean_acc, "n_clean": n,
-        "pgd_acc": pgd_acc, "n_pgd": n,
-        "pgd": {"steps": config.pgd_steps, "restarts": config.pgd_restarts, "alpha": float(alpha),
-                "alpha_ratio": float(config.pgd_alpha_ratio), "loss": "ce", "random_start": True},
-        "aa_acc": aa_acc, "n_aa": n_aa, "autoattack": autoattack,
-        "aa_clean_acc": aa_clean_acc,
+        "pgd_acc": pgd_acc, "n_pgd": n_attack,
+        "pgd": {"steps": protocol.pgd_steps, "restarts": protocol.pgd_restarts, "alpha": float(alpha),
+                "alpha_ratio": float(protocol.pgd_alpha_ratio), "loss": "ce", "random_start": True},
+        "cw_acc": cw_acc, "cw": {"steps": protocol.cw_steps, "alpha_ratio": protocol.cw_alpha_ratio}
+        if protocol.cw_steps else None,
+        "aa_acc": aa_acc, "n_aa": n_attack if aa_acc is not None else 0, "autoattack": autoattack,
+        "aa_clean_acc": clean_correct.float().mean().item() if aa_acc is not None else None,
+        # Per point, robust against every attack that ran: the number to compare defenses by.
+        "robust_acc": whitebox.float().mean().item(),
+        "checks": checks,
         "warnings": report_warnings,
-        "seconds": {"clean": seconds_clean, "pgd": seconds_pgd, "autoattack": seconds_aa},
+        "seconds": seconds,
         "seed": int(seed),
     }
 
 
 def format_report(report: dict) -> str:
-    """A few lines naming each attack, its steps/restarts, epsilon and the number of points."""
+    """A few lines naming the protocol, each attack, its steps/restarts, epsilon and the number of points."""
     pgd_cfg, aa = report["pgd"], report["autoattack"]
     rows = [("clean", f"{report['clean_acc']:.4f} ({report['n_clean']} pts)"),
             (f"PGD-{pgd_cfg['steps']}x{pgd_cfg['restarts']} (alpha {pgd_cfg['alpha']:.4f}, {pgd_cfg['loss'].upper()})",
              f"{report['pgd_acc']:.4f} ({report['n_pgd']} pts)")]
+    if report.get("cw_acc") is not None:
+        rows.append((f"CW-{report['cw']['steps']}", f"{report['cw_acc']:.4f} ({report['n_pgd']} pts)"))
     if report["aa_acc"] is None:
         rows.append(("AutoAttack", "not run"))
     else:
         rows.append((f"AutoAttack {aa['version']} [{', '.join(aa['attacks'])}]",
                      f"{report['aa_acc']:.4f} ({report['n_aa']} pts; clean {report['aa_clean_acc']:.4f} on these)"))
+    rows.append(("robust to all of the above", f"{report['robust_acc']:.4f}"))
+    checks = report.get("checks")
+    if checks:
+        failed = [name for name in ("more_steps", "larger_epsilon", "unbounded", "black_box")
+                  if not checks[name]["passed"]]
+        rows.append(("gradient-masking checks", f"{'passed' if not failed else 'FAILED: ' + ', '.join(failed)} "
+                                                f"({checks['points']} pts)"))
     width = max(len(name) for name, _ in rows)
-    lines = [f"eps {report['epsilon']:.4f} ({report['norm']}), seed {report['seed']}"]
+    lines = [f"protocol {report['protocol']}: eps {report['epsilon']:.4f} ({report['norm']}), seed {report['seed']}"]
     lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
     if report["warnings"]:
         lines.append(f"  warnings ({len(report['warnings'])}): " + "; ".join(report["warnings"]))

@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from ray.tune import Callback
+from ray.tune import Callback, Stopper
 
 from robustune.config import ConfigError, apply_override, merge, resolve_config
 from robustune.search_space import Distribution, check_samples_resolve, load_space
 
 SEARCH_FILE = "search.json"
 RESULTS_FILE = "results.parquet"
+SUMMARY_FILE = "summary.json"  # written when the search ends: best trial, its config, compute
 ROBUST_METRIC = "val/pgd_acc"
 CLEAN_METRIC = "val/clean_acc"
 Objective = Literal["robust", "pareto", "constrained"]
@@ -52,6 +53,9 @@ class SearchSettings:
     reduction_factor: float = 2.0
     include_default: bool = True  # the defense's defaults are the first point evaluated
     space_file: str | None = None
+    # Compute budget in worker-seconds of training epochs (validation included): the search ends once its
+    # trials have spent it (a study sets it to another defense's training cost). None: only `samples` limits it.
+    budget_s: float | None = None
 
     def check(self) -> None:
         if self.samples < 1:
@@ -64,6 +68,8 @@ class SearchSettings:
             raise ConfigError("--objective constrained needs --min-clean X with X in [0, 1]")
         if self.grace_period < 1 or self.reduction_factor <= 1:
             raise ConfigError("ASHA needs grace_period >= 1 and reduction_factor > 1")
+        if self.budget_s is not None and not self.budget_s > 0:
+            raise ConfigError(f"the search's compute budget must be > 0 worker-seconds, got {self.budget_s}")
 
 
 def objective_value(metrics: dict[str, Any], min_clean: float | None) -> float:
@@ -113,6 +119,41 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], search_dir: str,
                  extra_tags={"search": search_name, "search_trial_id": trial_id})
 
 
+class ComputeBudget(Stopper):
+    """The search's compute budget: worker-seconds inside the trials' training epochs. Once spent, each running
+    trial stops at its next epoch report (the way ASHA stops a trial) and `BudgetedSearch` starts no new one.
+    (Tune's stop_all would kill running trials mid-start and can leave their workers' resources reserved.)"""
+
+    def __init__(self, budget_s: float | None, workers: int):
+        self.budget_s, self.workers = budget_s, workers
+        self.seconds: dict[str, float] = {}  # trial id -> its time/total_s so far
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.seconds[trial_id] = max(self.seconds.get(trial_id, 0.0), float(result.get("time/total_s") or 0.0))
+        return self.spent()
+
+    @property
+    def spent_s(self) -> float:
+        return sum(self.seconds.values()) * self.workers
+
+    def spent(self) -> bool:
+        return self.budget_s is not None and self.spent_s >= self.budget_s
+
+    def stop_all(self) -> bool:
+        return False
+
+
+def budgeted_search(searcher, max_concurrent: int, budget: ComputeBudget):
+    """The searcher, limited to `max_concurrent` trials at once, suggesting nothing once the budget is spent."""
+    from ray.tune.search import ConcurrencyLimiter, Searcher
+
+    class BudgetedSearch(ConcurrencyLimiter):
+        def suggest(self, trial_id: str):
+            return Searcher.FINISHED if budget.spent() else super().suggest(trial_id)
+
+    return BudgetedSearch(searcher, max_concurrent=max_concurrent)
+
+
 class ProgressPrinter(Callback):
     """Tune callback: one line per finished trial with counts and the best objective so far."""
 
@@ -145,7 +186,8 @@ def format_params(params: dict[str, Any]) -> str:
 
 
 def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: dict[str, Any], search_dir: Path,
-                parent_run_id: str, search_name: str, log: Callable[[str], None], restore: bool):
+                parent_run_id: str, search_name: str, log: Callable[[str], None], restore: bool,
+                budget: ComputeBudget):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -159,7 +201,7 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
     # request keeps it schedulable without taking a CPU share the workers need.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024 * 1024})
     run_config = tune.RunConfig(name="tune", storage_path=str(search_dir), callbacks=[ProgressPrinter(settings.samples)],
-                                verbose=0, failure_config=tune.FailureConfig(max_failures=0))
+                                verbose=0, failure_config=tune.FailureConfig(max_failures=0), stop=budget)
     if restore:
         return tune.Tuner.restore(str(search_dir / "tune"), trainable, resume_unfinished=True, resume_errored=False)
 
@@ -176,6 +218,8 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
                                grace_period=min(settings.grace_period, epochs),
                                reduction_factor=settings.reduction_factor)
                  if settings.scheduler == "asha" else FIFOScheduler())
+    if settings.budget_s is not None:
+        searcher = budgeted_search(searcher, settings.max_concurrent or settings.samples, budget)
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=settings.samples,
                                   max_concurrent_trials=settings.max_concurrent)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
@@ -210,11 +254,12 @@ def share_cpus(settings: SearchSettings, base) -> None:
 
 
 def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Callable[[str], None] = print,
-                 refit: bool = False) -> dict[str, Any]:
+                 refit: bool = False, parent_run_id: str | None = None,
+                 extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Validate everything, create the search folder and MLflow parent run, run the search."""
     from robustune import tracking
     from robustune.data import check_available
-    from robustune.training import ensure_ray
+    from robustune.training import check_cluster_fits, ensure_ray
 
     settings.check()
     base_data = merge(base_data, {"method": {"name": settings.defense}})
@@ -237,7 +282,9 @@ def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Calla
 
     ensure_ray()
     share_cpus(settings, base)
-    parent_run_id = tracking.create_run(base, search_name, extra_tags={"kind": "search", "search": search_name})
+    check_cluster_fits(base)  # before the parent run exists: a run that can never start is refused now
+    parent_run_id = tracking.create_run(base, search_name, parent_run_id=parent_run_id,
+                                        extra_tags={"kind": "search", "search": search_name, **(extra_tags or {})})
     tracking.log_params(uri, run_id=parent_run_id,
                         params={f"search.{k}": v for k, v in asdict(settings).items()})
     space_text = yaml.safe_dump({k: {key: value for key, value in asdict(d).items() if value not in (None, ())}
@@ -278,12 +325,16 @@ def _run(search_dir: Path, log: Callable[[str], None], restore: bool, refit: boo
     space = load_space(settings.defense, search_dir / "space.yaml")
     uri = base["tracking"]["tracking_uri"]
     started = time.time()
-    tuner = _make_tuner(settings, space, base, search_dir, parent_run_id, search_name, log, restore)
+    budget = ComputeBudget(settings.budget_s, base["resources"]["num_workers"])
+    if settings.budget_s is not None:
+        log(f"search {search_name}: compute budget {settings.budget_s:.0f} worker-seconds of training epochs")
+    tuner = _make_tuner(settings, space, base, search_dir, parent_run_id, search_name, log, restore, budget)
     results = tuner.fit()
-    table = collect_results(results, settings, base, space, search_dir)
+    table = collect_results(results, settings, base, space, search_dir, budget_spent=budget.spent())
     write_results(table, search_dir / RESULTS_FILE)
     tracking.log_file(uri, parent_run_id, search_dir / RESULTS_FILE, "search")
     summary = summarize(table, settings, time.time() - started)
+    summary["budget_s"] = settings.budget_s
     best = summary.get("best")
     if best:
         tracking.log_params(uri, parent_run_id, {f"best.{k}": v for k, v in best["params"].items()})
@@ -302,6 +353,7 @@ def _run(search_dir: Path, log: Callable[[str], None], restore: bool, refit: boo
     tracking.set_status(uri, parent_run_id, "FINISHED")
     summary.update({"search_dir": str(search_dir), "parent_run_id": parent_run_id, "tracking_uri": uri,
                     "refit_epochs": state["refit_epochs"]})
+    (search_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     log(format_summary(summary, table))
     if refit and best:
         summary["refit"] = refit_best(summary, log)
@@ -309,7 +361,7 @@ def _run(search_dir: Path, log: Callable[[str], None], restore: bool, refit: boo
 
 
 def collect_results(results, settings: SearchSettings, base: dict[str, Any], space: dict[str, Distribution],
-                    search_dir: Path) -> list[dict[str, Any]]:
+                    search_dir: Path, budget_spent: bool = False) -> list[dict[str, Any]]:
     """One row per trial: knobs, final and best validation metrics, epochs, stop reason, time, compute."""
     from robustune import tracking
 
@@ -330,11 +382,11 @@ def collect_results(results, settings: SearchSettings, base: dict[str, Any], spa
         elif run is not None and run.data.tags.get("stop_reason") == "overfit":
             reason = "overfit_alarm"
         elif epochs_run < epochs:
-            reason = "asha_stopped"
+            reason = "early_stopped" if budget_spent else "asha_stopped"  # (ASHA or the compute budget)
         else:
             reason = "completed"
-        if run is not None and reason == "asha_stopped":  # Tune ended it mid-training: say so in MLflow
-            tracking.set_tag(uri, run.info.run_id, "stop_reason", "asha_stopped")
+        if run is not None and reason in ("asha_stopped", "early_stopped"):  # Tune ended it mid-training
+            tracking.set_tag(uri, run.info.run_id, "stop_reason", reason)
             tracking.set_status(uri, run.info.run_id, "KILLED")
         if run is not None and reason == "failed":
             tracking.set_tag(uri, run.info.run_id, "stop_reason", "failed")

@@ -2,22 +2,45 @@
 
 Workers address the run by id through an `MlflowClient`, never through MLflow's global active-run state,
 so several trainings (search trials) can share a process or a cluster without stepping on each other.
+
+A remote tracking server can go away mid-run. Every write goes through the helpers below; for a run whose
+folder was registered with `use_outbox`, a write that cannot reach the server is appended to that folder's
+`mlflow_outbox.jsonl` instead of failing the training (and, to keep the order, so is every later write for
+that run). `robustune sync RUN_DIR` replays the outbox once the server is back (`replay_outbox`); metrics are
+sent at most once per (key, step). Other failures (a bad value, a local store's error) still raise.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from robustune.config import Config, flatten
+from robustune.config import Config, ConfigError, flatten
 
 DEFAULT_STORE = "mlflow.db"  # in the working directory, where `mlflow ui` looks by default
+OUTBOX_FILE = "mlflow_outbox.jsonl"  # in a run folder: writes that could not reach the tracking server
+OUTBOX_FILES = "mlflow_outbox_files"  # in a run folder: copies of artifact files queued in the outbox
+# MLflow's own defaults retry a refused connection 7 times with exponential backoff (minutes) and wait 120 s
+# for an answer, so each logging call would stall a run whose server is gone. Fewer, shorter tries; the
+# outbox keeps what does not get through. Values the user sets in the environment win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingError(ConfigError):
+    """The tracking server (tracking.tracking_uri / $MLFLOW_TRACKING_URI) does not answer; the message says
+    what to do. A ConfigError: where to track is part of the configuration."""
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -35,6 +58,9 @@ def resolve_tracking_uri(configured: str | None) -> str:
 
 def client(uri: str):
     from mlflow.tracking import MlflowClient
+
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
     return MlflowClient(tracking_uri=uri)
 
@@ -82,12 +108,186 @@ def create_run(config: Config, run_name: str, extra_tags: dict[str, str] | None 
     return run_id
 
 
-def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """TrackingError when `uri` is an MLflow server (http/https) that does not answer; local stores pass."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (an auth proxy, a server without /health): reachable
+    except (urllib.error.URLError, OSError) as error:
+        raise TrackingError(
+            f"the MLflow tracking server {uri} does not answer ({getattr(error, 'reason', error)}); start it "
+            f"(for example: mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db), "
+            f"or set MLFLOW_TRACKING_URI (or tracking.tracking_uri) to a running server, or unset it to log to "
+            f"the local store ./{DEFAULT_STORE}") from error
+
+
+# ------------------------------------------------------------------------------------------------ outbox
+_OUTBOXES: dict[str, Path] = {}  # run id -> its run folder's outbox, in this process
+
+
+def use_outbox(run_id: str, run_dir: str | Path) -> Path:
+    """From now on, writes for `run_id` that cannot reach the tracking server go to RUN_DIR/mlflow_outbox.jsonl."""
+    path = Path(run_dir) / OUTBOX_FILE
+    _OUTBOXES[run_id] = path
+    return path
+
+
+def read_outbox(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The queued records of a run folder, oldest first (a line cut short by a crash is skipped)."""
+    path = Path(run_dir) / OUTBOX_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _queued(outbox: Path | None) -> bool:
+    return outbox is not None and outbox.is_file() and outbox.stat().st_size > 0
+
+
+def _unreachable(uri: str, error: BaseException) -> bool:
+    """Did `error` come from not reaching the server (refused, reset, timed out, retries exhausted)?"""
+    if not uri.startswith(("http://", "https://")):
+        return False
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, requests.exceptions.RequestException):
+        return True
+    # MLflow's REST layer wraps every transport failure as "API request to <url> failed with [timeout] exception".
+    return isinstance(error, MlflowException) and re.search(r"failed with (timeout )?exception", str(error)) is not None
+
+
+def _short_reason(error: BaseException) -> str:
+    """'[Errno 111] Connection refused' out of MLflow's and urllib3's nested wrapping, else the first line."""
+    text = str(error).strip()
+    found = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text) or re.search(r"timed out|Read timed out", text)
+    if found:
+        return found.group(0).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def _append(outbox: Path, record: dict[str, Any]) -> None:
+    if record["op"] == "log_file":  # keep a copy unless the file lives in the run folder already
+        source = Path(record["path"]).resolve()
+        if outbox.parent.resolve() not in source.parents:
+            copy = outbox.parent / OUTBOX_FILES / str(time.time_ns()) / source.name  # the name is the artifact's
+            copy.parent.mkdir(parents=True)
+            shutil.copy2(source, copy)
+            record = {**record, "path": str(copy)}
+    # One O_APPEND write per record: lines from the driver and the worker never interleave.
+    descriptor = os.open(outbox, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, (json.dumps(record, default=str) + "\n").encode())
+    finally:
+        os.close(descriptor)
+
+
+def _send(uri: str, run_id: str, op: str, **fields: Any) -> None:
+    """Apply one write, or queue it in the run's outbox when the server cannot be reached (or others wait)."""
+    outbox = _OUTBOXES.get(run_id)
+    record = {"op": op, "uri": uri, "run_id": run_id, **fields}
+    if _queued(outbox):  # writes already wait: queue behind them so they replay in order
+        _append(outbox, record)
+        return
+    try:
+        _APPLY[op](uri, run_id, **fields)
+    except Exception as error:
+        if outbox is None or not _unreachable(uri, error):
+            raise
+        _append(outbox, record)
+        sys.stderr.write(f"warning: the MLflow server {uri} is unreachable ({_short_reason(error)}); this run's tracking "
+                         f"records go to {outbox} from now on: send them with `robustune sync {outbox.parent}` "
+                         "once the server is back\n")
+        sys.stderr.flush()
+
+
+def _apply_params(uri: str, run_id: str, params: dict[str, str]) -> None:
     from mlflow.entities import Param
 
-    batch = [Param(key, _param_value(value)) for key, value in params.items()]
+    batch = [Param(key, value) for key, value in params.items()]
     for start in range(0, len(batch), 100):  # MLflow accepts at most 100 params per batch
         client(uri).log_batch(run_id, params=batch[start:start + 100])
+
+
+def _apply_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, timestamp: int) -> None:
+    from mlflow.entities import Metric
+
+    batch = [Metric(key, value, timestamp, step) for key, value in metrics.items()]
+    for start in range(0, len(batch), 1000):
+        client(uri).log_batch(run_id, metrics=batch[start:start + 1000])
+
+
+def _apply_status(uri: str, run_id: str, status: str, timestamp: int) -> None:
+    if status == "RUNNING":
+        client(uri).update_run(run_id, status="RUNNING")
+    else:
+        client(uri).set_terminated(run_id, status=status, end_time=timestamp)
+
+
+_APPLY: dict[str, Callable[..., None]] = {
+    "log_params": _apply_params,
+    "log_metrics": _apply_metrics,
+    "log_text": lambda uri, run_id, text, artifact_file: client(uri).log_text(run_id, text, artifact_file),
+    "log_dict": lambda uri, run_id, data, artifact_file: client(uri).log_dict(run_id, data, artifact_file),
+    "log_file": lambda uri, run_id, path, artifact_path: client(uri).log_artifact(run_id, path, artifact_path),
+    "set_tag": lambda uri, run_id, key, value: client(uri).set_tag(run_id, key, value),
+    "set_status": _apply_status,
+}
+
+
+def replay_outbox(run_dir: str | Path, uri: str | None = None) -> int:
+    """Send a run folder's queued records to the tracking server (its own URI unless `uri` is given), in order;
+    returns how many were queued. Metrics the server already has at that step are skipped, so a replay after a
+    partial one, or of an epoch logged again after a resume, never duplicates. On failure the records not sent
+    stay queued and TrackingError says so."""
+    run_dir = Path(run_dir)
+    outbox = run_dir / OUTBOX_FILE
+    records = read_outbox(run_dir)
+    if not records:
+        outbox.unlink(missing_ok=True)
+        return 0
+    check_server(uri or records[0]["uri"])  # still down: say so, send nothing
+    have: dict[tuple[str, str], set[int]] = {}  # (run id, metric key) -> steps the server has
+    for index, record in enumerate(records):
+        target = uri or record["uri"]
+        fields = {k: v for k, v in record.items() if k not in ("op", "uri", "run_id")}
+        try:
+            if record["op"] == "log_metrics":
+                run_id, step = record["run_id"], fields["step"]
+                for key in fields["metrics"]:
+                    if (run_id, key) not in have:
+                        have[run_id, key] = {m.step for m in client(target).get_metric_history(run_id, key)}
+                fields["metrics"] = {k: v for k, v in fields["metrics"].items() if step not in have[run_id, k]}
+                if fields["metrics"]:
+                    _APPLY["log_metrics"](target, run_id, **fields)
+                for key in fields["metrics"]:
+                    have[run_id, key].add(step)
+            else:
+                _APPLY[record["op"]](target, record["run_id"], **fields)
+        except Exception as error:
+            left = outbox.with_name(outbox.name + ".tmp")
+            left.write_text("".join(json.dumps(r) + "\n" for r in records[index:]))
+            os.replace(left, outbox)
+            raise TrackingError(f"{run_dir}: sent {index} of {len(records)} queued MLflow records; the rest stay in "
+                                f"{outbox} ({record['op']} failed: {_short_reason(error)}); run `robustune sync {run_dir}` "
+                                "again once the server answers") from error
+    outbox.unlink()
+    shutil.rmtree(run_dir / OUTBOX_FILES, ignore_errors=True)
+    return len(records)
+
+
+# ------------------------------------------------------------------------------------------------ writes
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    _send(uri, run_id, "log_params", params={key: _param_value(value) for key, value in params.items()})
 
 
 def _param_value(value: Any) -> str:
@@ -96,42 +296,45 @@ def _param_value(value: Any) -> str:
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
-    client(uri).log_text(run_id, text, artifact_file)
+    _send(uri, run_id, "log_text", text=text, artifact_file=artifact_file)
 
 
 def log_dict(uri: str, run_id: str, data: dict[str, Any], artifact_file: str) -> None:
-    client(uri).log_dict(run_id, data, artifact_file)
+    _send(uri, run_id, "log_dict", data=data, artifact_file=artifact_file)
 
 
 def log_file(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-    client(uri).log_artifact(run_id, str(path), artifact_path)
+    _send(uri, run_id, "log_file", path=str(path), artifact_path=artifact_path)
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now, step) for key, value in metrics.items() if value is not None]
-    for start in range(0, len(batch), 1000):
-        client(uri).log_batch(run_id, metrics=batch[start:start + 1000])
+    values = {key: float(value) for key, value in metrics.items() if value is not None}
+    _send(uri, run_id, "log_metrics", metrics=values, step=int(step), timestamp=int(time.time() * 1000))
 
 
 def logged_steps(uri: str, run_id: str, key: str) -> set[int]:
-    """Steps at which metric `key` was logged (to fill gaps after a resume without duplicating)."""
-    return {m.step for m in client(uri).get_metric_history(run_id, key)}
+    """Steps at which metric `key` was logged (to fill gaps after a resume without duplicating). While the
+    run's writes wait in its outbox: the steps queued there (a replay skips those the server has)."""
+    outbox = _OUTBOXES.get(run_id)
+    queued = {int(r["step"]) for r in read_outbox(outbox.parent)
+              if r["op"] == "log_metrics" and r["run_id"] == run_id and key in r["metrics"]} if outbox else set()
+    if _queued(outbox):
+        return queued
+    try:
+        return {m.step for m in client(uri).get_metric_history(run_id, key)}
+    except Exception as error:
+        if outbox is None or not _unreachable(uri, error):
+            raise
+        return queued
 
 
 def set_status(uri: str, run_id: str, status: str) -> None:
     """status: RUNNING, FINISHED, FAILED or KILLED."""
-    mlflow_client = client(uri)
-    if status == "RUNNING":
-        mlflow_client.update_run(run_id, status="RUNNING")
-    else:
-        mlflow_client.set_terminated(run_id, status=status)
+    _send(uri, run_id, "set_status", status=status, timestamp=int(time.time() * 1000))
 
 
 def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
-    client(uri).set_tag(run_id, key, value)
+    _send(uri, run_id, "set_tag", key=key, value=value)
 
 
 def write_temp_and_log(uri: str, run_id: str, filename: str, write) -> None:
@@ -140,3 +343,23 @@ def write_temp_and_log(uri: str, run_id: str, filename: str, write) -> None:
         path = Path(folder) / filename
         write(path)
         log_file(uri, run_id, path)
+
+
+def log_evaluation(uri: str, run_id: str, report: dict[str, Any], step: int) -> None:
+    """A final evaluation's numbers (the stable `test/*` names; `test/bare_*` for a test-time defense's bare
+    classifier), its report, the protocol tag, and the `eval/warning` tag when any check or attack warned."""
+    def numbers(prefix: str, part: dict[str, Any]) -> dict[str, float]:
+        names = ("clean_acc", "pgd_acc", "cw_acc", "aa_acc", "robust_acc")
+        return {f"{prefix}{name}": part[name] for name in names if part.get(name) is not None}
+
+    metrics = numbers("test/", report)
+    if report.get("bare_classifier"):
+        metrics.update(numbers("test/bare_", report["bare_classifier"]))
+    log_metrics(uri, run_id, metrics, step=step)
+    protocol = report["protocol"].split("/")[0]
+    log_dict(uri, run_id, report, f"eval/{protocol}/report.json")
+    set_tag(uri, run_id, "eval/protocol", report["protocol"])
+    warnings = list(report.get("warnings", []))
+    warnings += [f"bare classifier: {w}" for w in (report.get("bare_classifier") or {}).get("warnings", [])]
+    if warnings:
+        set_tag(uri, run_id, "eval/warning", "; ".join(warnings)[:5000])

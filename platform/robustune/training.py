@@ -10,6 +10,8 @@ start of each epoch, so a resumed run draws the same noise as an uninterrupted o
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -27,8 +29,9 @@ import yaml
 from torch import Tensor, nn
 
 from robustune.attacks import pgd
-from robustune.checkpoints import (STATE_FILE, CheckpointError, latest_checkpoint, load_checkpoint,
-                                   model_weights_from, save_checkpoint)
+from robustune.checkpoints import (STATE_FILE, CheckpointError, CheckpointWriteError, check_weights_fit,
+                                   disk_full_cause, latest_checkpoint, load_checkpoint, model_weights_from,
+                                   save_checkpoint, set_aside_unreadable_checkpoints, write_failure_message)
 from robustune.config import Config, ConfigError, TrainConfig, resolve_config
 from robustune.data import ArrayDataset, BatchLoader, check_available, load_dataset
 from robustune.defense import DefenseContext, StepResult, average_gradients, create_defense
@@ -130,6 +133,7 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------------------------ weights/state
     def load_model_weights(self, weights: dict[str, Tensor], source: Any) -> None:
+        check_weights_fit(weights, self.model.state_dict(), source, self.config.model_name)
         try:
             self.model.load_state_dict(weights)
         except RuntimeError as error:
@@ -335,10 +339,9 @@ def write_line(text: str) -> None:
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function."""
     import ray.train
-    from ray.train import Checkpoint
 
     from robustune import tracking
-    from robustune.evaluation import evaluate, format_report
+    from robustune.evaluation import format_report
 
     config = resolve_config(loop_config["config"])
     quiet_ray_train_reports()
@@ -354,13 +357,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     is_chief = rank == 0
     log = write_line if is_chief else (lambda text: None)
     uri, run_id, run_dir = config.tracking.tracking_uri, loop_config["run_id"], Path(loop_config["run_dir"])
+    tracking.use_outbox(run_id, run_dir)  # a tracking server gone mid-run: records wait in the run folder
 
     loop = TrainingLoop(config, rank=rank, world_size=world_size, device=device, log=log)
     if world_size > 1:  # same start on every worker even if a custom init draws differently
         for tensor in loop.model.state_dict().values():
             torch.distributed.broadcast(tensor, src=0)
 
-    state, source = newest_state(ray.train.get_checkpoint(), loop_config.get("resume_path"), device)
+    state, source = newest_state(ray.train.get_checkpoint(), loop_config.get("resume_path"), device, warn=log,
+                                 run_dir=run_dir)
     if state is not None:
         loop.load_state_dict(state, source)
         log(f"resumed from {source} after epoch {loop.epoch}")
@@ -374,10 +379,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         metrics = loop.run_epoch()
         log(format_epoch(metrics, loop.epochs))
         if is_chief:
-            with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(loop.state_dict(), Path(folder) / STATE_FILE)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
-                                 checkpoint_dir_name=f"epoch_{loop.epoch:03d}")
+            report_with_checkpoint(loop.state_dict(), metrics, run_dir, f"epoch_{loop.epoch:03d}")
             log_new_epochs(uri, run_id, [metrics])
         else:
             ray.train.report(metrics)
@@ -391,47 +393,95 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                "train_seconds": loop.total_seconds}
     tracking.set_tag(uri, run_id, "stop_reason", loop.stop_reason)
     tracking.set_tag(uri, run_id, "selected_epoch", str(loop.selected_epoch))
+    final = {"model": loop.model.state_dict(), "defense": loop.defense.state_dict(), "config": config.to_dict()}
     if not config.eval.enabled:
+        save_checkpoint(final, run_dir / FINAL_MODEL_FILE)  # for a later `robustune evaluate` or a study
         (run_dir / REPORT_FILE).write_text(json.dumps({"evaluated": False, **summary}, indent=2))
         return
-    test = loop.splits.test
+    # Inside a Train worker the evaluation runs here, unsharded (the worker holds the CPUs shards would need).
+    eval_config = dataclasses.replace(config.eval, workers=1)
+    report = evaluate_deployed(loop.model, loop.defense, loop.splits.test, epsilon=config.epsilon,
+                               eval_config=eval_config, device=device, seed=config.seed, state_dir=run_dir, log=log)
+    report.update({"evaluated": True, **summary})
+    log(format_report(report))
+    save_checkpoint({**final, "report": report}, run_dir / FINAL_MODEL_FILE)
+    (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    tracking.log_evaluation(uri, run_id, report, step=loop.epoch)
+    tracking.log_file(uri, run_id, run_dir / FINAL_MODEL_FILE, "checkpoint")
+
+
+def evaluate_deployed(model, defense, test, *, epsilon: float, eval_config, device, seed: int, state_dir: Path,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    """Evaluate what the defense deploys (its test-time step included); then the bare classifier if they differ."""
+    from robustune.evaluation import evaluate
+
     test_images = test.images.float().div(255)
-    deployed = loop.defense.inference_model(loop.model)
-    report = evaluate(deployed, test_images, test.labels, epsilon=config.epsilon,
-                      config=config.eval, device=device, seed=config.seed, state_dir=run_dir, log=log)
-    test_metrics = {"test/clean_acc": report["clean_acc"], "test/pgd_acc": report["pgd_acc"],
-                    "test/aa_acc": report["aa_acc"]}
-    if deployed is not loop.model:
+    deployed = defense.inference_model(model)
+    report = evaluate(deployed, test_images, test.labels, epsilon=epsilon, config=eval_config, device=device,
+                      seed=seed, state_dir=state_dir, log=log)
+    if deployed is not model:
         # A test-time defense: the numbers above attacked the whole pipeline; the bare classifier's follow.
         report["attacked_through"] = (f"{type(deployed).__name__}: the defense's test-time step is part of the "
                                       "model every attack saw")
         log("evaluating the bare classifier (without the test-time step)")
-        bare = evaluate(loop.model, test_images, test.labels, epsilon=config.epsilon, config=config.eval,
-                        device=device, seed=config.seed, state_dir=run_dir / "bare", log=log)
-        report["bare_classifier"] = bare
-        test_metrics.update({"test/bare_clean_acc": bare["clean_acc"], "test/bare_pgd_acc": bare["pgd_acc"],
-                             "test/bare_aa_acc": bare["aa_acc"]})
-    report.update({"evaluated": True, **summary})
-    log(format_report(report))
-    save_checkpoint({"model": loop.model.state_dict(), "config": config.to_dict(), "report": report},
-                    run_dir / FINAL_MODEL_FILE)
-    (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
-    tracking.log_metrics(uri, run_id, test_metrics, step=loop.epoch)
-    tracking.log_dict(uri, run_id, report, "eval/report.json")
-    tracking.log_file(uri, run_id, run_dir / FINAL_MODEL_FILE, "checkpoint")
-    if report.get("warnings"):
-        tracking.set_tag(uri, run_id, "eval/warning", "; ".join(report["warnings"])[:5000])
+        report["bare_classifier"] = evaluate(model, test_images, test.labels, epsilon=epsilon, config=eval_config,
+                                             device=device, seed=seed, state_dir=Path(state_dir) / "bare", log=log)
+    return report
 
 
-def newest_state(ray_checkpoint, resume_path: str | None, device: torch.device) -> tuple[dict | None, Any]:
-    """The later of Ray Train's restored checkpoint (after a worker failure, or a rerun of the same run) and
-    the newest checkpoint folder on disk named by --resume (Ray's own record can lag the last report)."""
+def report_with_checkpoint(state: dict[str, Any], metrics: dict[str, float], run_dir: Path, name: str) -> None:
+    """Report an epoch to Ray Train with its checkpoint, which Ray copies to RUN_DIR/<name>. When the disk is
+    full (here in the local temporary folder, or in the run folder during Ray's copy), the run fails with a
+    message naming the file, and no partial checkpoint file stays behind to be resumed from."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(state, Path(folder) / STATE_FILE)
+        try:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+        except Exception as error:
+            full = disk_full_cause(error)
+            if full is None:
+                raise
+            # Ray's copy stopped half-way: remove the partial file. The folder goes too when nothing else is in
+            # it (it can hold a state.pt.unreadable, and Ray's run snapshot may refer to it: then it stays).
+            (run_dir / name / STATE_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (run_dir / name).rmdir()
+            raise CheckpointWriteError(write_failure_message(run_dir / name / STATE_FILE, full)) from error
+
+
+def newest_state(ray_checkpoint, resume_path: str | None, device: torch.device,
+                 warn: Callable[[str], None] = write_line, run_dir: Path | None = None) -> tuple[dict | None, Any]:
+    """The newest checkpoint that loads among Ray Train's restored checkpoint (after a worker failure, or a rerun
+    of the same run), the folder named by --resume, and the run folder's own epoch_NNN folders.
+
+    Ray's record lags the last report by up to one poll of its controller: a worker killed just after reporting
+    epoch N comes back with epoch N-1's record while epoch N's folder is on disk, and resuming from the record
+    would train epoch N again. (Every rank scans the same folder: Ray Train's storage is shared by all nodes,
+    and nothing writes to it while the worker group starts.) A checkpoint that does not load (cut short by a
+    kill during the copy, or set aside by --resume as unreadable) is skipped with a warning."""
     candidates = []
     if ray_checkpoint is not None:
-        with ray_checkpoint.as_directory() as folder:
-            candidates.append((load_checkpoint(Path(folder) / STATE_FILE, map_location=device), ray_checkpoint.path))
-    if resume_path:
-        candidates.append((load_checkpoint(resume_path, map_location=device), resume_path))
+        try:
+            with ray_checkpoint.as_directory() as folder:
+                candidates.append((load_checkpoint(Path(folder) / STATE_FILE, map_location=device),
+                                   ray_checkpoint.path))
+        except (CheckpointError, OSError) as error:
+            warn(f"warning: not resuming from Ray Train's checkpoint record {ray_checkpoint.path}: {error}")
+    paths = [Path(resume_path)] if resume_path else []
+    if run_dir is not None:
+        paths += sorted((p for p in run_dir.glob("epoch_*") if (p / STATE_FILE).is_file()), reverse=True)
+    seen = {str(ray_checkpoint.path) if ray_checkpoint is not None else None}
+    for path in paths:
+        if str(path) in seen:
+            continue
+        seen.add(str(path))
+        try:
+            candidates.append((load_checkpoint(path, map_location=device), path))
+        except CheckpointError as error:
+            warn(f"warning: not resuming from {path}: {error}")
     if not candidates:
         return None, None
     return max(candidates, key=lambda pair: pair[0]["epoch"])
@@ -463,6 +513,53 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+
+
+ALLOW_PENDING_ENV = "ROBUSTUNE_ALLOW_PENDING_RESOURCES"
+
+
+def check_cluster_fits(config: Config) -> None:
+    """ConfigError when the connected Ray cluster can never place the run's workers (more workers, CPUs per
+    worker or GPUs than its nodes have), instead of a trainer that waits for them forever. An autoscaling
+    cluster can still add nodes: set ROBUSTUNE_ALLOW_PENDING_RESOURCES=1 to submit anyway."""
+    import ray
+
+    if os.environ.get(ALLOW_PENDING_ENV) == "1":
+        return
+    resources = config.resources
+    need = {"CPU": worker_threads(config), **({"GPU": 1} if resources.use_gpu else {})}
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    fits = sum(min(int(node.get(key, 0) // amount) for key, amount in need.items()) for node in nodes)
+    if fits >= resources.num_workers:
+        return
+    have = ", ".join(f"{sum(node.get(key, 0) for node in nodes):g} {key}s" for key in need)
+    wants = " and ".join(f"{amount} {key}{'s' if amount != 1 else ''}" for key, amount in need.items())
+    fix = ("set resources.use_gpu=false or connect to a cluster with GPUs (RAY_ADDRESS)"
+           if resources.use_gpu and not any(node.get("GPU", 0) for node in nodes) else
+           "lower resources.num_workers or resources.cpus_per_worker, or connect to a bigger cluster (RAY_ADDRESS)")
+    workers = f"{resources.num_workers} worker{'s' if resources.num_workers != 1 else ''}"
+    raise ConfigError(f"resources: {workers} with {wants} each cannot fit the Ray cluster "
+                      f"({len(nodes)} node{'s' if len(nodes) != 1 else ''}, {have}; room for {fits} such "
+                      f"worker{'s' if fits != 1 else ''}); {fix}. On an autoscaling cluster that will add nodes, "
+                      f"set {ALLOW_PENDING_ENV}=1 to submit anyway")
+
+
+def check_weights_sources(config: Config, run_dir: Path | None = None) -> None:
+    """Before any work: the warm-start weights (train.init_from) and, for a resume, the run's newest checkpoint
+    must load safely and fit the configured model (CheckpointError naming the file and the keys otherwise)."""
+    from robustune.data import dataset_info
+
+    sources = [config.train.init_from] if config.train.init_from else []
+    newest = latest_checkpoint(run_dir) if run_dir is not None else None
+    if newest is not None:
+        sources.append(newest / STATE_FILE)
+    if not sources:
+        return
+    info = dataset_info(config.data.name)
+    expected = create_model(config.model_name, num_classes=info.num_classes, input_shape=info.input_shape,
+                            mean=info.mean, std=info.std, **config.model_kwargs).state_dict()
+    for source in sources:
+        check_weights_fit(model_weights_from(source), expected, source, config.model_name)
 
 
 def worker_threads(config: Config) -> int:
@@ -518,12 +615,26 @@ def run_training(config: Config | None = None, *, resume_dir: str | Path | None 
 
     if resume_dir is not None:
         config, run_id, run_dir = open_run(resume_dir)
+        # A truncated or overwritten newest checkpoint: resume from the newest one that loads (with a warning).
+        set_aside_unreadable_checkpoints(run_dir, log)
+        check_weights_sources(config, run_dir)
+        tracking.check_server(config.tracking.tracking_uri)
+        tracking.use_outbox(run_id, run_dir)
+        if tracking.read_outbox(run_dir):  # records kept while the server was away go first
+            log(f"sent {tracking.replay_outbox(run_dir)} MLflow records queued in {run_dir / tracking.OUTBOX_FILE}")
+        ensure_ray()
+        check_cluster_fits(config)
         tracking.set_status(config.tracking.tracking_uri, run_id, "RUNNING")
         log(f"resuming run {run_dir.name} (MLflow run {run_id})")
     else:
         assert config is not None, "run_training needs a config or a resume_dir"
         check_available(config.data.name, config.data.data_dir, config.data.download)
+        tracking.check_server(tracking.resolve_tracking_uri(config.tracking.tracking_uri))  # before any work
+        check_weights_sources(config)
+        ensure_ray()  # before the MLflow run and the run folder: a run the cluster cannot fit is refused first
+        check_cluster_fits(config)
         config, run_id, run_dir = prepare_run(config, extra_tags, parent_run_id)
+        tracking.use_outbox(run_id, run_dir)
         log(f"run {run_dir.name}: MLflow run {run_id} in experiment '{config.tracking.experiment}' "
             f"at {config.tracking.tracking_uri}")
         log(f"run folder {run_dir} (continue an interrupted run with: robustune train --resume {run_dir})")
@@ -542,7 +653,10 @@ def run_training(config: Config | None = None, *, resume_dir: str | Path | None 
                                      resources_per_worker={"CPU": threads}),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=resources.max_failures),
+                             failure_config=FailureConfig(max_failures=resources.max_failures,
+                                                           # a worker group that cannot start in 10 tries of 60 s
+                                                           # fails the run instead of waiting forever
+                                                           controller_failure_limit=10),
                              callbacks=callbacks),
     )
     try:
@@ -552,6 +666,7 @@ def run_training(config: Config | None = None, *, resume_dir: str | Path | None 
         raise
     except Exception as error:
         tracking.set_status(uri, run_id, "FAILED")
+        note_outbox(run_dir, log)
         raise TrainingError(f"training run {run_dir.name} failed: {root_cause(error)}\n"
                             f"(MLflow run {run_id}; continue with: robustune train --resume {run_dir})") from error
     report_path = run_dir / REPORT_FILE
@@ -559,7 +674,18 @@ def run_training(config: Config | None = None, *, resume_dir: str | Path | None 
         tracking.set_status(uri, run_id, "FAILED")
         raise TrainingError(f"training run {run_dir.name} ended without its evaluation report {report_path}")
     tracking.set_status(uri, run_id, "FINISHED")
+    note_outbox(run_dir, log)
     return TrainingOutcome(run_id, run_dir, uri, json.loads(report_path.read_text()))
+
+
+def note_outbox(run_dir: Path, log: Callable[[str], None]) -> None:
+    """Say so when some of the run's tracking records wait in its outbox (the server went away)."""
+    from robustune import tracking
+
+    queued = tracking.read_outbox(run_dir)
+    if queued:
+        log(f"warning: the MLflow server did not answer; {len(queued)} tracking records of this run wait in "
+            f"{run_dir / tracking.OUTBOX_FILE}: send them with `robustune sync {run_dir}` once it is back")
 
 
 def root_cause(error: BaseException) -> str:

@@ -1,0 +1,138 @@
+"""`robustune evaluate`: the fixed evaluation protocol applied to a finished run or a checkpoint.
+
+The source is a run folder (it holds `final.pt` and `run.json`), a `final.pt` file, or an MLflow run id (its
+`checkpoint/final.pt` artifact is downloaded when the run folder is not on this machine). The model, the defense
+(for a test-time step such as ATLD's IMT) and the test split are rebuilt from the config saved in the checkpoint;
+AutoAttack is sharded across `eval.workers` Ray tasks and resumes from `<run>/eval-<protocol>/` after an
+interruption. When the source belongs to an MLflow run, the numbers, report and `eval/warning` tag go there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from robustune.config import ConfigError, EvalConfig, build_dataclass
+
+FINAL_MODEL_FILE = "final.pt"
+RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class Source:
+    checkpoint: Path
+    state_root: Path  # where the evaluation's resumable state and report go
+    run_id: str | None
+    tracking_uri: str | None
+
+
+def locate(source: str, tracking_uri: str | None = None) -> Source:
+    """Where the checkpoint is, and which MLflow run (if any) it belongs to."""
+    from robustune import tracking
+
+    path = Path(source)
+    if path.is_dir():
+        checkpoint = path / FINAL_MODEL_FILE
+        if not checkpoint.is_file():
+            raise ConfigError(f"{path} holds no {FINAL_MODEL_FILE}: pass a finished run folder, a final.pt file "
+                              "or an MLflow run id")
+        run_file = path / "run.json"
+        run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+        return Source(checkpoint, path, run.get("run_id"), run.get("tracking_uri"))
+    if path.is_file():
+        return Source(path, path.parent / f"{path.stem}-eval", None, None)
+    if RUN_ID_PATTERN.match(source):
+        uri = tracking.resolve_tracking_uri(tracking_uri)
+        try:
+            run = tracking.client(uri).get_run(source)
+        except Exception as error:  # MLflow raises its own exception types for unknown ids
+            raise ConfigError(f"MLflow run {source} not found at {uri}: {str(error).splitlines()[0]}") from error
+        params = run.data.params
+        folder = Path(params.get("tracking.output_dir", "")) / params.get("tracking.run_name", "")
+        if (folder / FINAL_MODEL_FILE).is_file():
+            return Source(folder / FINAL_MODEL_FILE, folder, source, uri)
+        cache = Path(tempfile.gettempdir()) / "robustune-eval" / source
+        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            downloaded = tracking.client(uri).download_artifacts(source, f"checkpoint/{FINAL_MODEL_FILE}", str(cache))
+        except Exception as error:
+            raise ConfigError(f"MLflow run {source} has no checkpoint/{FINAL_MODEL_FILE} artifact and its run "
+                              f"folder {folder} is not on this machine") from error
+        return Source(Path(downloaded), cache, source, uri)
+    raise ConfigError(f"{source!r} is neither a run folder, a checkpoint file nor an MLflow run id "
+                      "(32 hex characters)")
+
+
+def evaluate_run(source: str, eval_settings: dict[str, Any], *, tracking_uri: str | None = None,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate a saved model by the protocol in `eval_settings` (EvalConfig fields); log it to its MLflow run."""
+    import torch
+
+    from robustune import tracking
+    from robustune.checkpoints import load_checkpoint
+    from robustune.config import resolve_config
+    from robustune.evaluation import format_report
+    from robustune.training import TrainingLoop, evaluate_deployed
+
+    eval_config = build_dataclass(EvalConfig, {"enabled": True, **eval_settings}, "eval")
+    where = locate(source, tracking_uri)
+    state = load_checkpoint(where.checkpoint)
+    if "config" not in state or "model" not in state:
+        raise ConfigError(f"{where.checkpoint} has no saved config or model: it is not a run's final.pt")
+    config_data = dict(state["config"])
+    config_data["train"] = {**config_data["train"], "init_from": None}  # the weights come from the checkpoint
+    config = resolve_config(config_data)
+    device = torch.device("cuda" if torch.cuda.is_available() and config.resources.use_gpu else "cpu")
+    loop = TrainingLoop(config, device=device, log=lambda _: None)
+    loop.load_model_weights(state["model"], where.checkpoint)
+    if state.get("defense"):
+        loop.defense.load_state_dict(state["defense"])
+    protocol = eval_config.protocol
+    state_dir = where.state_root / f"eval-{protocol}"
+    log(f"evaluating {where.checkpoint} ({config.method_name}, {config.model_name}, eps {config.epsilon:.4g}) "
+        f"with the {protocol} protocol; AutoAttack in {eval_config.workers} shard(s); state in {state_dir}")
+    report = evaluate_deployed(loop.model, loop.defense, loop.splits.test, epsilon=config.epsilon,
+                               eval_config=eval_config, device=device, seed=config.seed, state_dir=state_dir, log=log)
+    report.update({"source": str(where.checkpoint), "method": config.method_name})
+    (state_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if where.run_id and where.tracking_uri:
+        tracking.log_evaluation(where.tracking_uri, where.run_id, report, step=0)
+        report["run_id"] = where.run_id
+    log(format_report(report))
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "evaluate", help="evaluate a finished run or checkpoint by the fixed protocol (quick or full)",
+        description="Evaluate a saved model by a fixed, versioned protocol: quick/1 (PGD-20 + APGD-CE + APGD-T on "
+                    "the first N test points) or full/1 (PGD-50 x 10 restarts, CW-50 and AutoAttack standard on "
+                    "the whole test set), with gradient-masking checks. AutoAttack runs sharded across Ray tasks "
+                    "and resumes after an interruption.",
+        epilog=textwrap.dedent("""\
+            examples:
+              robustune evaluate runs/fgsm_rs-fashion-mnist-20261121-101500-ab12
+              robustune evaluate 0123456789abcdef0123456789abcdef --protocol full --workers 4
+              robustune evaluate path/to/final.pt --points 500
+            """), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="run folder, final.pt file, or MLflow run id")
+    parser.add_argument("--protocol", choices=["quick", "full"], default="quick", help="default quick")
+    parser.add_argument("--points", type=int, default=1000, help="quick: attacked test points (default 1000)")
+    parser.add_argument("--workers", type=int, default=1, help="AutoAttack shards, one Ray task each (default 1)")
+    parser.add_argument("--batch-size", type=int, default=500, help="attack batch = AutoAttack chunk (default 500)")
+    parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
+    parser.add_argument("--tracking-uri", help="MLflow store of a run id (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+
+
+def command(args: argparse.Namespace) -> int:
+    evaluate_run(args.source, {"protocol": args.protocol, "points": args.points, "workers": args.workers,
+                               "batch_size": args.batch_size, "checks": not args.no_checks},
+                 tracking_uri=args.tracking_uri)
+    return 0

@@ -1,0 +1,238 @@
+"""The study leaderboard: one row per defense, built from MLflow (final runs) and the searches' Parquet results.
+
+Columns: defense, tuned knobs, clean / PGD / AutoAttack / all-attacks accuracy as mean and spread (sample
+standard deviation) over seeds, training compute per run, search trials and search compute, total compute
+(search + every seed's training + a warm start's training), overfitting alarms, evaluation warnings. Compute is
+worker-seconds inside training epochs (validation included), the quantity a search budget is measured in.
+Written as leaderboard.{md,csv,parquet} with two plots (robust vs clean accuracy; robust accuracy vs total
+compute) in <study>/leaderboard/, printed, and logged to the study's MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import textwrap
+from pathlib import Path
+from typing import Any, Callable
+
+FOLDER = "leaderboard"
+
+
+def _mean_spread(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _search_compute(search_dir: Path) -> tuple[int, float]:
+    """Trials and worker-seconds inside their training epochs, from the search's results.parquet."""
+    import pyarrow.parquet as pq
+
+    path = search_dir / "results.parquet"
+    if not path.is_file():
+        return 0, 0.0
+    rows = pq.read_table(path).to_pylist()
+    workers = json.loads((search_dir / "search.json").read_text())["base"]["resources"]["num_workers"]
+    return len(rows), sum(float(r.get("epochs_s") or 0.0) for r in rows) * workers
+
+
+def collect_rows(study_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from robustune import tracking
+    from robustune.study import _load_state, _study_from_dict
+
+    state = _load_state(study_dir)
+    study = _study_from_dict(state["study"])
+    mlflow_client = tracking.client(state["tracking_uri"])
+    workers = state["study"]["base"].get("resources", {}).get("num_workers", 1)
+    per_label: dict[str, dict[str, Any]] = {}
+    for entry in study.entries:
+        records = [r for r in state["runs"].values() if r["label"] == entry.label]
+        metrics: dict[str, list[float]] = {k: [] for k in ("clean", "pgd", "aa", "robust", "train_s")}
+        alarms, warnings, failed, protocols = 0, [], 0, set()
+        for record in records:
+            if record.get("failed") or "run_id" not in record or "evaluation" not in record:
+                failed += 1
+                continue
+            run = mlflow_client.get_run(record["run_id"])
+            values = run.data.metrics
+            for key, name in (("clean", "test/clean_acc"), ("pgd", "test/pgd_acc"), ("aa", "test/aa_acc"),
+                              ("robust", "test/robust_acc")):
+                if name in values:
+                    metrics[key].append(values[name])
+            metrics["train_s"].append(values.get("time/total_s", 0.0) * workers)
+            history = mlflow_client.get_metric_history(record["run_id"], "alarm/overfit")
+            alarms += any(m.value > 0 for m in history)
+            if run.data.tags.get("eval/warning"):
+                warnings.append(f"seed {record['seed']}: {run.data.tags['eval/warning']}")
+            protocols.add(run.data.tags.get("eval/protocol", "?"))
+        search = state["searches"].get(entry.label)
+        trials, search_s = _search_compute(Path(search["search_dir"])) if search else (0, 0.0)
+        row: dict[str, Any] = {
+            "defense": entry.label, "method": entry.defense, "tuned": entry.tune,
+            "tuned_knobs": (", ".join(f"{k}={_short(v)}" for k, v in sorted(search["best_params"].items()))
+                            if search else "defaults"),
+            "seeds": len(metrics["clean"]), "failed_runs": failed,
+        }
+        for key in ("clean", "pgd", "aa", "robust"):
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_spread(metrics[key])
+        row["train_s"] = _mean_spread(metrics["train_s"])[0]
+        row["search_trials"], row["search_s"] = trials, search_s
+        row["search_budget_s"] = search.get("budget_s") if search else None
+        row["total_s"] = search_s + sum(metrics["train_s"])
+        row["overfit_alarms"] = alarms
+        row["warnings"] = len(warnings)
+        row["warning_text"] = " | ".join(warnings)
+        row["protocol"] = ", ".join(sorted(protocols)) or None
+        row["init_from"] = entry.init_from
+        row["budget_of"] = entry.budget
+        per_label[entry.label] = row
+    for row in per_label.values():  # a warm start's own training is part of what the defense cost
+        if row["init_from"] in per_label:
+            row["total_s"] += per_label[row["init_from"]]["total_s"]
+    rows = sorted(per_label.values(), key=lambda r: -(r["aa_mean"] if r["aa_mean"] is not None else -1.0))
+    return rows, state
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def headline(rows: list[dict[str, Any]], featured: str | None) -> str:
+    """How the featured defense compares with the best tuned baseline at equal budget, in numbers."""
+    by_label = {r["defense"]: r for r in rows}
+    star = by_label.get(featured) if featured else None
+    if star is None or star["aa_mean"] is None:
+        best = rows[0] if rows and rows[0]["aa_mean"] is not None else None
+        return f"best defense: {best['defense']} (AutoAttack {best['aa_mean']:.4f})" if best else "no results"
+    equal_budget = [r for r in rows if r["budget_of"] == featured and r["aa_mean"] is not None]
+    pool = equal_budget or [r for r in rows if r["tuned"] and r["aa_mean"] is not None]
+    if not pool:
+        return f"{featured}: AutoAttack {star['aa_mean']:.4f}, clean {star['clean_mean']:.4f}; no tuned baseline"
+    rival = max(pool, key=lambda r: r["aa_mean"])
+    which = "at equal budget" if equal_budget else "(no baseline searched on its budget; best tuned one)"
+    aa_diff = 100 * (star["aa_mean"] - rival["aa_mean"])
+    clean_diff = 100 * (star["clean_mean"] - rival["clean_mean"])
+    verdict = "beats" if aa_diff > 0 else "trails" if aa_diff < 0 else "ties"
+    return (f"{featured} {verdict} the best tuned baseline {which}, {rival['defense']}, by {aa_diff:+.1f} points of "
+            f"AutoAttack accuracy ({star['aa_mean']:.4f} vs {rival['aa_mean']:.4f}) and {clean_diff:+.1f} points of "
+            f"clean accuracy ({star['clean_mean']:.4f} vs {rival['clean_mean']:.4f}); compute "
+            f"{star['total_s']:.0f} vs {rival['total_s']:.0f} worker-seconds (search {rival['search_s']:.0f}"
+            + (f" of a {rival['search_budget_s']:.0f} budget" if rival.get("search_budget_s") else "") + ")")
+
+
+def _cell(mean: float | None, spread: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.4f} ± {spread:.4f}" if spread else f"{mean:.4f}"
+
+
+def markdown(rows: list[dict[str, Any]], title: str, head: str, notes: list[str]) -> str:
+    lines = [f"# {title}", "", f"**{head}**", "",
+             "| defense | tuned knobs | clean | PGD | AutoAttack | all attacks | train s/run | search trials | "
+             "search s | total s | overfit alarms | warnings |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['defense']} | {r['tuned_knobs']} | {_cell(r['clean_mean'], r['clean_std'])} | "
+            f"{_cell(r['pgd_mean'], r['pgd_std'])} | {_cell(r['aa_mean'], r['aa_std'])} | "
+            f"{_cell(r['robust_mean'], r['robust_std'])} | {r['train_s'] or 0:.0f} | {r['search_trials']} | "
+            f"{r['search_s']:.0f} | {r['total_s']:.0f} | {r['overfit_alarms']} | {r['warnings']} |")
+    lines += ["", *notes]
+    warned = [r for r in rows if r["warning_text"]]
+    if warned:
+        lines += ["", "Evaluation warnings:"] + [f"- {r['defense']}: {r['warning_text'][:600]}" for r in warned]
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["aa_mean"] is not None]
+    paths = []
+    for name, x_key, x_err, x_label, log_x in (
+            ("robust_vs_clean.png", "clean_mean", "clean_std", "clean accuracy (test)", False),
+            ("robust_vs_compute.png", "total_s", None, "total compute incl. search (worker-seconds)", True)):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+        for r in shown:
+            ax.errorbar(r[x_key], r["aa_mean"], xerr=r[x_err] if x_err else None, yerr=r["aa_std"], fmt="o",
+                        capsize=3, color="tab:red" if r["tuned"] else "tab:blue")
+            ax.annotate(r["defense"], (r[x_key], r["aa_mean"]), textcoords="offset points", xytext=(5, 4),
+                        fontsize=8)
+        if log_x and shown and all(r[x_key] > 0 for r in shown):
+            ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("AutoAttack accuracy (test)")
+        ax.set_title(f"{title}\nblue: own defaults, red: tuned", fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = folder / name
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def build(study_dir: str | Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Build, write, print and log the leaderboard of the study in `study_dir`."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from robustune import tracking
+
+    study_dir = Path(study_dir)
+    rows, state = collect_rows(study_dir)
+    featured = state["study"].get("featured")
+    head = headline(rows, featured)
+    evaluation = state["study"]["evaluation"]
+    protocols = sorted({r["protocol"] for r in rows if r["protocol"]})
+    notes = [f"Study `{state['instance']}` ({state['study']['source']}); seeds {state['study']['seeds']}; "
+             f"evaluation protocol {', '.join(protocols) or evaluation.get('protocol', 'quick')} "
+             f"(points {evaluation.get('points', 1000)}); mean ± sample std over seeds.",
+             "Compute: worker-seconds inside training epochs (validation included). A defense warm-started from "
+             "another (init_from) includes that one's total. Searches ran on validation data only."]
+    folder = study_dir / FOLDER
+    folder.mkdir(exist_ok=True)
+    table = pa.table({key: [r[key] for r in rows] for key in rows[0]}) if rows else pa.table({})
+    pq.write_table(table, folder / "leaderboard.parquet")
+    pacsv.write_csv(table, folder / "leaderboard.csv")
+    text = markdown(rows, f"Leaderboard: {state['study']['name']}", head, notes)
+    (folder / "leaderboard.md").write_text(text)
+    images = plots(rows, folder, f"{state['study']['name']}: {head.split(';')[0]}")
+    uri, parent = state["tracking_uri"], state["parent_run_id"]
+    for path in [folder / "leaderboard.md", folder / "leaderboard.csv", folder / "leaderboard.parquet", *images]:
+        tracking.log_file(uri, parent, path, FOLDER)
+    tracking.set_tag(uri, parent, "headline", head[:5000])
+    log(text)
+    log(f"leaderboard written to {folder} (Markdown, CSV, Parquet, 2 plots) and logged to MLflow run {parent}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "report", help="build a study's leaderboard (Markdown, CSV, Parquet, plots) and log it to MLflow",
+        description="Build the leaderboard of a study from MLflow and its searches' Parquet results: per defense "
+                    "the tuned knobs, clean / PGD / AutoAttack accuracy (mean and spread over seeds), training "
+                    "and search compute, overfitting alarms and evaluation warnings; print it, write it to "
+                    "<study>/leaderboard/ and log it with two plots to the study's MLflow parent run.",
+        epilog=textwrap.dedent("""\
+            examples:
+              robustune report                      # the newest study under runs/
+              robustune report default              # the newest run of the study named `default`
+              robustune report runs/study-default-20261121-101500
+            """), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", nargs="?", help="study folder, study run name, or study name (default: newest)")
+    parser.add_argument("--output-dir", default="runs", help="where studies are looked up (default runs)")
+
+
+def command(args: argparse.Namespace) -> int:
+    from robustune.study import find_study_dir
+
+    build(find_study_dir(args.study, args.output_dir))
+    return 0

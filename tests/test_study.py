@@ -1,0 +1,276 @@
+"""Studies: definition checks (no Ray), a tiny study end to end on real Ray + MLflow, `robustune evaluate` sharded
+vs in-process, `robustune report`, and `ray job submit` of a study against a real local Ray head."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from robustune.cli import main
+from robustune.config import ConfigError
+from robustune.study import load_study
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "data" / "tiny_study.yaml"
+
+
+def write_study(tmp_path: Path, **changes) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    if "defenses" in changes and "featured" not in changes:
+        data.pop("featured")  # names a defense of the tiny study
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ------------------------------------------------------------------------------------- definitions
+def test_default_study_is_the_flagship_comparison():
+    study = load_study()
+    entries = {e.label: e for e in study.entries}
+    assert study.name == "default" and study.featured == "las_at"
+    assert not entries["las_at"].tune and not entries["standard"].tune
+    pgd = entries["pgd (tuned)"]
+    assert pgd.tune and pgd.budget == "las_at"  # PGD-AT searched on LAS-AT's training compute
+    for name in ("fgsm_rs", "slat", "fgsm_pgi", "eae"):
+        assert entries[f"{name} (tuned)"].tune
+    assert entries["eae (tuned)"].init_from == "standard"
+    assert study.base["data"]["name"] == "fashion-mnist" and study.base["model"]["name"] == "small_cnn"
+    assert study.evaluation["protocol"] == "quick" and len(study.seeds) >= 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": "red"}, "unknown key 'colour'"),
+    ({"defenses": [{"defense": "nope"}]}, "unknown defense 'nope'"),
+    ({"defenses": [{"defense": "fgsm", "tune": True, "budget": "pgd"}]}, "budget: 'pgd' is not the label of an untuned"),
+    ({"defenses": [{"defense": "fgsm"}, {"defense": "fgsm"}]}, "share the label 'fgsm'"),
+    ({"defenses": [{"defense": "fgsm", "samples": 3}]}, "samples only applies to a searched defense"),
+    ({"defenses": [{"defense": "fgsm", "colour": 1}]}, "unknown key 'colour'"),
+    ({"defenses": [{"defense": "fgsm", "tune": True, "space": "missing.yaml"}]}, "does not exist"),
+    ({"defenses": [{"defense": "fgsm", "set": {"method.alpha_ratio": -1}}]}, "alpha_ratio"),
+    ({"seeds": []}, "seeds must be a non-empty list"),
+    ({"epsilon": 2.0}, "epsilon"),
+    ({"evaluation": {"protocol": "quick", "pgd_steps": 7}}, "only applies to eval.protocol=custom"),
+    ({"search": {"sample": 3}}, "search: unknown key 'sample'"),
+    ({"featured": "nobody"}, "featured: 'nobody'"),
+    ({"name": None}, "missing key 'name'"),
+])
+def test_bad_study_definitions_are_refused_naming_the_problem(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        load_study(write_study(tmp_path, **change))
+    assert "study definition" in str(error.value) and str(tmp_path) in str(error.value)
+
+
+def test_bad_study_fails_on_the_command_line_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken.yaml").write_text("name: x\ndefenses: [{defense: fgsm\n")
+    assert main(["study", "broken.yaml"]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """The tiny study run once, in process, on a real local Ray and a real sqlite MLflow store."""
+    import ray
+
+    from robustune.study import start_study
+
+    folder = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    study = load_study(TINY, [f"tracking.tracking_uri={uri}", f"tracking.output_dir={folder / 'runs'}"])
+    lines: list[str] = []
+    started = time.time()
+    study_dir = start_study(study, log=lines.append)
+    yield {"dir": study_dir, "uri": uri, "lines": lines, "seconds": time.time() - started}
+    ray.shutdown()
+
+
+def test_tiny_study_builds_a_complete_leaderboard(tiny_study):
+    folder = tiny_study["dir"] / "leaderboard"
+    rows = pq.read_table(folder / "leaderboard.parquet").to_pylist()
+    assert [r["defense"] for r in rows] != [] and {r["defense"] for r in rows} == {"fgsm_rs", "fgsm (tuned)", "standard"}
+    for row in rows:  # every defense has clean, PGD and AutoAttack numbers over both seeds
+        assert row["seeds"] == 2 and row["failed_runs"] == 0
+        for key in ("clean_mean", "pgd_mean", "aa_mean", "robust_mean"):
+            assert row[key] is not None and 0.0 <= row[key] <= 1.0
+        assert row["aa_mean"] <= row["clean_mean"] and row["protocol"] == "quick/1"
+    tuned = next(r for r in rows if r["defense"] == "fgsm (tuned)")
+    assert tuned["search_trials"] >= 1 and "method.alpha_ratio=" in tuned["tuned_knobs"]
+    assert tuned["total_s"] >= tuned["search_s"] > 0
+    text = (folder / "leaderboard.md").read_text()
+    assert "| fgsm (tuned) |" in text and "fgsm_rs" in text.splitlines()[2]  # the headline names the featured one
+    assert (folder / "leaderboard.csv").read_text().startswith("defense,")
+    for image in ("robust_vs_clean.png", "robust_vs_compute.png"):
+        assert (folder / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiny_study_lands_in_mlflow_under_one_parent_run(tiny_study):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tiny_study["uri"])
+    state = json.loads((tiny_study["dir"] / "study.json").read_text())
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "study"
+    assert "beats" in parent.data.tags["headline"] or "trails" in parent.data.tags["headline"] \
+        or "ties" in parent.data.tags["headline"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "leaderboard")}
+    assert {"leaderboard/leaderboard.md", "leaderboard/leaderboard.parquet", "leaderboard/leaderboard.csv",
+            "leaderboard/robust_vs_clean.png", "leaderboard/robust_vs_compute.png"} <= artifacts
+    experiment = parent.info.experiment_id
+    finals = client.search_runs([experiment], f"tags.study = '{state['instance']}' and tags.kind = 'study_run'")
+    assert len(finals) == 6  # 3 defenses x 2 seeds
+    for run in finals:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"test/clean_acc", "test/pgd_acc", "test/aa_acc"} <= set(run.data.metrics)
+        assert run.data.tags["eval/protocol"] == "quick/1"
+
+
+def test_search_is_capped_by_the_featured_defense_training_compute(tiny_study):
+    state = json.loads((tiny_study["dir"] / "study.json").read_text())
+    runs = [r for r in state["runs"].values() if r["label"] == "fgsm_rs"]
+    budget = sum(r["training"]["train_seconds"] for r in runs) / len(runs)
+    search = state["searches"]["fgsm (tuned)"]
+    assert search["budget_s"] == pytest.approx(budget)
+    summary = json.loads((Path(search["search_dir"]) / "summary.json").read_text())
+    assert summary["budget_s"] == pytest.approx(budget)
+    rows = pq.read_table(Path(search["search_dir"]) / "results.parquet").to_pylist()
+    spent = sum(r["epochs_s"] for r in rows)
+    # The search stops once the budget is spent: at most the trials running then go over it, by one epoch each.
+    assert spent <= budget + sum(r["epochs_s"] / max(r["epochs_run"], 1) for r in rows) + 1e-6
+
+
+def test_finished_study_resumes_without_training_again(tiny_study):
+    from robustune.study import resume_study
+
+    before = (tiny_study["dir"] / "leaderboard" / "leaderboard.parquet").read_bytes()
+    lines: list[str] = []
+    started = time.time()
+    resume_study(tiny_study["dir"], log=lines.append)
+    assert not any("training run(s)" in line for line in lines)  # nothing retrained
+    assert not any(line.startswith("eval [") for line in lines)  # nothing re-evaluated
+    assert time.time() - started < 60
+    after = pq.read_table(tiny_study["dir"] / "leaderboard" / "leaderboard.parquet").to_pylist()
+    assert [r["aa_mean"] for r in after] == [r["aa_mean"] for r in pq.read_table(
+        __import__("io").BytesIO(before)).to_pylist()]
+
+
+def test_report_command_finds_the_study_and_prints_the_leaderboard(tiny_study, capsys):
+    assert main(["report", str(tiny_study["dir"])]) == 0
+    out = capsys.readouterr().out
+    assert "# Leaderboard: tiny" in out and "| fgsm (tuned) |" in out
+
+
+def test_sharded_evaluation_gives_the_same_flags_as_in_process(tiny_study, tmp_path):
+    """`robustune evaluate` with 2 Ray shards and with none: same AutoAttack flags, chunk by chunk."""
+    from robustune.evaluate_run import evaluate_run
+
+    run_dir = tiny_study["dir"] / "runs" / "fgsm_rs-seed0"
+    copy = tmp_path / "final.pt"
+    shutil.copy(run_dir / "final.pt", copy)  # a bare checkpoint: its own state folder, no MLflow run
+    settings = {"protocol": "quick", "points": 64, "batch_size": 16, "checks": False}
+    alone = evaluate_run(str(copy), {**settings, "workers": 1}, log=lambda _: None)
+    sharded_copy = tmp_path / "again" / "final.pt"
+    sharded_copy.parent.mkdir()
+    shutil.copy(copy, sharded_copy)
+    sharded = evaluate_run(str(sharded_copy), {**settings, "workers": 2}, log=lambda _: None)
+
+    def flags(checkpoint: Path):
+        files = sorted((checkpoint.parent / "final-eval" / "eval-quick" / "autoattack").glob("chunk-*.json"))
+        return [json.loads(f.read_text())["robust"] for f in files]
+
+    assert len(flags(copy)) == 4 and flags(copy) == flags(sharded_copy)
+    assert alone["aa_acc"] == sharded["aa_acc"] and sharded["autoattack"]["shards"] == 2
+    assert 0 < alone["aa_acc"] <= alone["pgd_acc"] + 0.2  # a model with some robustness, so the flags mean something
+
+
+def test_evaluate_command_logs_to_the_run_in_mlflow(tiny_study, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    run_dir = tiny_study["dir"] / "runs" / "standard-seed1"
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    assert main(["evaluate", run_id, "--tracking-uri", tiny_study["uri"], "--points", "32", "--no-checks"]) == 0
+    assert "protocol quick/1" in capsys.readouterr().out
+    run = MlflowClient(tiny_study["uri"]).get_run(run_id)
+    history = MlflowClient(tiny_study["uri"]).get_metric_history(run_id, "test/aa_acc")
+    assert len(history) == 2  # the study's evaluation and this one
+    assert run.data.tags["eval/protocol"] == "quick/1"
+
+
+def test_evaluate_refuses_an_unknown_source(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "no-such-run"]) == 2
+    assert "neither a run folder, a checkpoint file nor an MLflow run id" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ ray job submit
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real Ray head with token authentication, started like the README says, stopped afterwards (only its own
+    processes: `ray stop` would stop every cluster on the machine)."""
+    import psutil
+    import ray
+
+    ray.shutdown()  # one Ray cluster at a time on a machine: Ray's placement-group cleanup can mix them up
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    subprocess.run([str(venv_bin / "ray"), "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=60)
+    temp_dir = tmp_path / "ray"
+    port, dashboard = free_port(), free_port()
+    subprocess.run([str(venv_bin / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "bin": venv_bin}
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp_dir) in part for part in process.info["cmdline"] or []):
+                process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+def test_ray_job_submit_runs_a_study_and_its_runs_reach_mlflow(ray_head, tmp_path):
+    from mlflow import MlflowClient
+
+    study = write_study(tmp_path, seeds=[0], defenses=[{"defense": "fgsm_rs"}, {"defense": "standard"}],
+                        featured=None)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**ray_head["env"], "RAY_ADDRESS": ray_head["address"]}
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}})
+    submit = subprocess.run(
+        [str(ray_head["bin"] / "ray"), "job", "submit", "--working-dir", str(REPO), "--runtime-env-json",
+         runtime_env, "--", "robustune", "study", str(study), "--set", f"tracking.output_dir={tmp_path / 'runs'}"],
+        env=env, capture_output=True, text=True, timeout=540)
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "succeeded" in submit.stdout and "# Leaderboard: tiny" in submit.stdout
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("robustune").experiment_id])
+    kinds = sorted(r.data.tags.get("kind", "") for r in runs)
+    assert kinds.count("study") == 1 and kinds.count("study_run") == 2
+    # Without the token the same head refuses a client.
+    refused = subprocess.run([str(ray_head["bin"] / "ray"), "job", "list"], capture_output=True, text=True,
+                             env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token",
+                                  "HOME": str(tmp_path)}, timeout=120)
+    assert refused.returncode != 0
