@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def test_tiny_study_builds_a_complete_leaderboard(tiny_study):
     assert tuned["total_s"] >= tuned["search_s"] > 0
     text = (folder / "leaderboard.md").read_text()
     assert "| fgsm (tuned) |" in text and "fgsm_rs" in text.splitlines()[2]  # the headline names the featured one
-    assert (folder / "leaderboard.csv").read_text().startswith("defense,")
+    assert (folder / "leaderboard.csv").read_text().splitlines()[0].replace('"', "").startswith("defense,method,")
     for image in ("robust_vs_clean.png", "robust_vs_compute.png"):
         assert (folder / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -237,11 +238,13 @@ def ray_head(tmp_path):
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     subprocess.run([str(venv_bin / "ray"), "get-auth-token", "--generate"], env=env, check=True,
                    capture_output=True, timeout=60)
-    temp_dir = tmp_path / "ray"
+    # Short: Ray's Unix socket paths under the temp dir must stay below the OS limit of ~107 characters.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     port, dashboard = free_port(), free_port()
-    subprocess.run([str(venv_bin / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+    started = subprocess.run([str(venv_bin / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+                    "--disable-usage-stats"], env=env, check=False, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "bin": venv_bin}
     for process in psutil.process_iter(["cmdline"]):
         try:
@@ -249,6 +252,7 @@ def ray_head(tmp_path):
                 process.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_a_study_and_its_runs_reach_mlflow(ray_head, tmp_path):

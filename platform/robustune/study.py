@@ -348,7 +348,10 @@ def _train_final_runs(study_dir: Path, study: Study, entries: list[Entry], best:
     for entry in entries:
         for seed in study.seeds:
             run_dir = _final_run_dir(study_dir, entry, seed)
-            record = {"label": entry.label, "defense": entry.defense, "seed": seed, "run_dir": str(run_dir)}
+            # Keep what a resumed study already knows of this run (its evaluation, above all).
+            record = {**state["runs"].get(f"{entry.label}|{seed}", {}),
+                      "label": entry.label, "defense": entry.defense, "seed": seed, "run_dir": str(run_dir)}
+            record.pop("failed", None)
             if (run_dir / "run.json").is_file():
                 record["run_id"] = json.loads((run_dir / "run.json").read_text())["run_id"]
             if (run_dir / REPORT_FILE).is_file():
