@@ -316,7 +316,8 @@ def _run_autoattack(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tenso
     chunks = list(_batches(x.shape[0], batch_size))
     kwargs = dict(epsilon=epsilon, attacks=attacks, n_classes=n_classes, seed=seed,
                   state_dir=str(state_dir) if state_dir is not None else None,
-                  model_digest=_digest(model.state_dict().items()))
+                  # only a saved state needs to know which model it belongs to
+                  model_digest=_digest(model.state_dict().items()) if state_dir is not None else "")
     workers = min(workers, len(chunks))
     if workers <= 1:
         outcomes = [attack_chunks(model, x, y, clean_correct, chunks, device=device, log=log, **kwargs)]
@@ -355,9 +356,9 @@ def _square_robust(model: nn.Module, x: Tensor, y: Tensor, robust_before: Tensor
     return robust
 
 
-def _masking_checks(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tensor, whitebox: Tensor, *,
-                    epsilon: float, protocol: Protocol, n_classes: int, device: torch.device, seed: int,
-                    batch_size: int) -> tuple[dict, list[str]]:
+def _masking_checks(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tensor, whitebox: Tensor,
+                    pgd_flags: Tensor, *, epsilon: float, protocol: Protocol, n_classes: int, device: torch.device,
+                    seed: int, batch_size: int) -> tuple[dict, list[str]]:
     """The four gradient-masking checks on the first `protocol.check_points` attacked points."""
     m = min(x.shape[0], protocol.check_points)
     x, y, clean_correct, whitebox = x[:m], y[:m], clean_correct[:m], whitebox[:m]
@@ -365,8 +366,10 @@ def _masking_checks(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tenso
     slack = 0.02 + 1.0 / m
     steps, ratio = protocol.pgd_steps, protocol.pgd_alpha_ratio
     common = dict(device=device, seed=seed, batch_size=batch_size)
-    base = _pgd_robust(model, x, y, epsilon=epsilon, alpha=ratio * epsilon, steps=steps, restarts=1, loss="ce",
-                       **common).float().mean().item()
+    # The baseline is the protocol's own PGD when it ran with one restart (the checks compare single runs).
+    base = (pgd_flags[:m] if protocol.pgd_restarts == 1 else
+            _pgd_robust(model, x, y, epsilon=epsilon, alpha=ratio * epsilon, steps=steps, restarts=1, loss="ce",
+                        **common)).float().mean().item()
     more = _pgd_robust(model, x, y, epsilon=epsilon, alpha=ratio * epsilon, steps=4 * steps, restarts=1, loss="ce",
                        **common).float().mean().item()
     wide_eps = min(1.0, 2 * epsilon)
@@ -487,7 +490,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon: float
             checks = None
             if config.checks and epsilon > 0:
                 t0 = time.perf_counter()
-                checks, problems = _masking_checks(model, x, y, clean_correct, whitebox, epsilon=epsilon,
+                checks, problems = _masking_checks(model, x, y, clean_correct, whitebox, pgd_flags, epsilon=epsilon,
                                                    protocol=protocol, n_classes=n_classes, device=device, seed=seed,
                                                    batch_size=batch)
                 messages += problems

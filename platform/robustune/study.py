@@ -257,7 +257,7 @@ def start_study(study: Study, log: Callable[[str], None] = print) -> Path:
     tracking.log_text(uri, parent_run_id, Path(study.source).read_text(), "study/study.yaml")
     study_dir.mkdir(parents=True)
     (study_dir / DEFINITION_FILE).write_text(Path(study.source).read_text())
-    _save_state(study_dir, {"instance": instance, "study": _study_dict(study), "parent_run_id": parent_run_id,
+    _save_state(study_dir, {"instance": instance, "study": asdict(study), "parent_run_id": parent_run_id,
                             "tracking_uri": uri, "output_dir": str(output_dir), "started": time.time(),
                             "runs": {}, "searches": {}})
     log(f"study {instance}: {len(study.entries)} defenses x {len(study.seeds)} seed(s); MLflow parent run "
@@ -497,10 +497,6 @@ def _save_state(study_dir: Path, state: dict[str, Any]) -> None:
 
 def _load_state(study_dir: Path) -> dict[str, Any]:
     return json.loads((Path(study_dir) / STUDY_FILE).read_text())
-
-
-def _study_dict(study: Study) -> dict[str, Any]:
-    return asdict(study)
 
 
 def _study_from_dict(data: dict[str, Any]) -> Study:
