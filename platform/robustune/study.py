@@ -252,8 +252,8 @@ def start_study(study: Study, log: Callable[[str], None] = print) -> Path:
     config.study = instance
     config.tracking.tracking_uri, config.tracking.output_dir = uri, str(output_dir)
     parent_run_id = tracking.create_run(config, instance, extra_tags={"kind": "study", "study_name": study.name})
-    tracking.log_params(uri, parent_run_id, {"study.seeds": study.seeds, "study.defenses": [e.label for e in study.entries],
-                                             "study.source": study.source})
+    tracking.log_params(uri, parent_run_id, {"study.seeds": study.seeds, "study.source": study.source,
+                                             "study.defenses": [e.label for e in study.entries]})
     tracking.log_text(uri, parent_run_id, Path(study.source).read_text(), "study/study.yaml")
     study_dir.mkdir(parents=True)
     (study_dir / DEFINITION_FILE).write_text(Path(study.source).read_text())
