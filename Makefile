@@ -7,14 +7,15 @@ TORCH_SPEC ?= torch==2.13.0
 DATA_DIR ?= data
 STAMP := $(VENV)/.robustune-installed
 
-.PHONY: setup data demo test test-slow test-faults benchmark clean help
+.PHONY: setup data demo test test-slow test-faults benchmark benchmark-gpu clean help
 
 help:
 	@echo "make demo       set up, get Fashion-MNIST, run the default study (LAS-AT vs tuned baselines) -> leaderboard"
 	@echo "make test       set up, get Fashion-MNIST, run the tests"
 	@echo "make test-slow  the longer accuracy checks (real training on Fashion-MNIST)"
 	@echo "make test-faults  only the fault-injection tests: killed Ray worker, dead MLflow server, bad checkpoints, full disk"
-	@echo "make benchmark  Ray Train + MLflow overhead per epoch versus a bare loop"
+	@echo "make benchmark  every benchmark (defense cost, overhead, scaling, search efficiency) -> benchmarks/RESULTS.md"
+	@echo "make benchmark-gpu  the GPU variant (PreActResNet-18, CIFAR-shaped data) -> benchmarks/RESULTS-gpu.md"
 	@echo "make setup      only create $(VENV) and install the project"
 
 $(STAMP): pyproject.toml
@@ -42,7 +43,10 @@ test-faults: setup data
 	$(PY) -m pytest -q -m faults
 
 benchmark: setup data
-	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/run_all.py
+
+benchmark-gpu: setup data
+	$(PY) benchmarks/run_all.py --gpu
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts .pytest_cache

@@ -58,7 +58,7 @@ def collect_indices(loader: BatchLoader) -> list[int]:
 
 
 def test_list_and_info() -> None:
-    assert data.list_datasets() == ["cifar10", "cifar100", "fashion-mnist", "mnist", "synthetic"]
+    assert data.list_datasets() == ["cifar10", "cifar100", "fashion-mnist", "mnist", "synthetic", "synthetic-cifar"]
     fm = data.dataset_info("fashion-mnist")
     assert fm.input_shape == (1, 28, 28) and fm.num_classes == 10 and fm.default_epsilon == 0.1
     assert not fm.augment and data.dataset_info("cifar10").augment

@@ -14,11 +14,9 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -34,6 +32,8 @@ from robustune.config import load_config
 from robustune.data import dataset_info
 from robustune.models import create_model
 from robustune.training import TrainingError, TrainingLoop, open_run, run_training, worker_threads
+
+from helpers import free_port, start_mlflow_server, stop_group
 
 EPOCH_METRICS = ["train/loss", "train/acc", "train/clean_acc", "val/clean_acc", "val/pgd_acc",
                  "time/epoch_s", "time/total_s", "alarm/overfit"]
@@ -83,16 +83,6 @@ def robustune_cli(*args, cwd, env=None):
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_group(process: subprocess.Popen) -> None:
-    """End a process this test started, with its group (never anything else)."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
-
-
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` in the process tree, from /proc."""
     children: dict[int, list[int]] = {}
@@ -115,12 +105,6 @@ def command_line(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def damage(path: Path, how: str, seed: int = 0) -> None:
@@ -216,24 +200,6 @@ def test_a_restarted_worker_resumes_from_the_newest_checkpoint_on_disk(tmp_path)
 
 
 # ========================================================================= 2. the MLflow server goes away
-def start_mlflow_server(port: int, store: Path) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination",
-         str(store / "mlartifacts")], cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        assert process.poll() is None, "mlflow server exited at start"
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            return process
-        except OSError:
-            time.sleep(0.3)
-    stop_group(process)
-    pytest.fail("mlflow server did not answer within 90 s")
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """start() a real MLflow server on one port and store, stop() it (SIGKILL), start() it again."""

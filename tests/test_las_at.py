@@ -39,10 +39,11 @@ def changed(before, module):
 class CountingModel(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
-        self.model, self.calls = model, 0
+        self.model, self.calls, self.images = model, 0, 0
 
     def forward(self, x):
         self.calls += 1
+        self.images += x.shape[0]
         return self.model(x)
 
 
@@ -54,7 +55,8 @@ def test_per_sample_pgd_uses_each_images_own_radius_step_and_iteration_count():
     steps = torch.tensor([1, 3, 1, 3, 2, 0])
     counting = CountingModel(model)
     batched = strategy_pgd(counting, x, y, eps, alpha, steps, start_radius=0.0)
-    assert counting.calls == 3  # the loop runs to the batch maximum, once per iteration on the whole batch
+    assert counting.calls == 3  # the loop runs to the batch maximum ...
+    assert counting.images == int(steps.sum())  # ... each iteration on the images still moving only
     # The same image attacked alone with its own settings lands on the same point (no BatchNorm in small_cnn).
     for i in range(6):
         alone = strategy_pgd(model, x[i:i + 1], y[i:i + 1], eps[i:i + 1], alpha[i:i + 1], steps[i:i + 1], 0.0)

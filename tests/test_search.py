@@ -120,6 +120,55 @@ def test_four_trial_search_with_a_failing_trial(tmp_path):
         assert not any(key.startswith("test/") for key in run.data.metrics)
 
 
+def test_compute_budget_stops_a_trial_before_its_next_epoch_would_overrun():
+    from robustune.search import ComputeBudget
+
+    budget = ComputeBudget(budget_s=20.0, workers=2)  # worker-seconds; each trial uses 2 workers
+    assert not budget.spent()
+    assert budget("a", {"time/total_s": 3.0}) is False  # spent 6, next epoch 6 -> 12 <= 20
+    assert budget("b", {"time/total_s": 2.0}) is False  # spent 10, b's next 4 -> 14
+    assert not budget.spent()  # a typical epoch (the upper median of 6 and 4 worker-s) still fits: 10 + 6 <= 20
+    assert budget("a", {"time/total_s": 6.0}) is True  # spent 16, a's next 6 -> 22 > 20: stop a now
+    assert budget.spent_s == 16.0 and budget.spent()  # and start no new trial
+    assert budget("b", {"time/total_s": 3.0}) is False  # spent 18, b's next 2 -> 20: fits exactly
+    assert budget("b", {"time/total_s": 4.0}) is True  # spent 20, b's next 2 -> 22 > 20
+    unlimited = ComputeBudget(budget_s=None, workers=1)
+    assert unlimited("a", {"time/total_s": 1e9}) is False and not unlimited.spent()
+
+
+def test_grid_values_are_even_inside_the_range_and_cover_choices():
+    space = parse_space({"method.alpha_ratio": {"type": "uniform", "low": 0.5, "high": 2.0},
+                         "train.lr": {"type": "loguniform", "low": 0.01, "high": 0.3},
+                         "train.batch_size": {"type": "choice", "values": [64, 128]}}, "x.yaml", "fgsm_rs")
+    from robustune.search import grid_size, grid_values
+
+    values = grid_values(space, 3)
+    assert values["method.alpha_ratio"] == [0.5, 1.25, 2.0]
+    lr = values["train.lr"]
+    assert lr[0] == 0.01 and lr[-1] == 0.3 and abs(lr[1] / lr[0] - lr[2] / lr[1]) < 1e-9  # even in log
+    assert values["train.batch_size"] == [64, 128]
+    assert grid_size(space, 3) == 18 and grid_size(space, 1) == 2
+
+
+def test_grid_search_runs_every_grid_point_once(tmp_path):
+    """--searcher grid: the trials are exactly the grid's points (2 x 2), once each, without the defaults, and
+    --samples does not cut the grid short."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"method.alpha_ratio": {"type": "uniform", "low": 0.5, "high": 1.5},
+                                     "train.lr": {"type": "loguniform", "low": 0.01, "high": 0.1}}))
+    process = search_cli("fgsm_rs", "--space", str(space), "--searcher", "grid", "--grid-points", "2",
+                         "--samples", "1", "--epochs", "1", "--max-concurrent", "2", "--scheduler", "none", *BASE,
+                         cwd=tmp_path)
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output[-3000:]
+    [search_dir] = list((tmp_path / "runs").glob("search-fgsm_rs-*"))
+    rows = pq.read_table(search_dir / "results.parquet").to_pylist()
+    points = sorted((r["param.method.alpha_ratio"], round(r["param.train.lr"], 12)) for r in rows)
+    assert points == [(0.5, 0.01), (0.5, 0.1), (1.5, 0.01), (1.5, 0.1)]
+    assert all(r["status"] == "completed" for r in rows)
+    assert json.loads((search_dir / "search.json").read_text())["settings"]["samples"] == 4
+
+
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     args = ["fgsm_rs", "--samples", "4", "--epochs", "2", "--max-concurrent", "1", "--scheduler", "none", *BASE]
     process = search_cli(*args, cwd=tmp_path)

@@ -12,7 +12,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from mlflow.tracking import MlflowClient
 
 from robustune import cli
 from robustune.checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, model_weights_from
+
+from helpers import free_port, start_mlflow_server, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -153,6 +154,54 @@ def test_secrets_in_the_environment_never_reach_mlflow_or_the_run_folder(tmp_pat
     # The scan would see a leak: plant one in a copy of the logged config and look again.
     planted = (artifacts / "config.yaml").read_bytes() + values["AWS_SECRET_ACCESS_KEY"].encode()
     assert leaks(planted, secret_values) == [values["AWS_SECRET_ACCESS_KEY"]]
+
+
+def test_redact_uri_hides_only_the_password():
+    from robustune.tracking import redact_uri
+
+    assert redact_uri("postgresql://robot:fake%40pw@db.internal:5432/mlflow") == \
+        "postgresql://robot:***@db.internal:5432/mlflow"
+    assert redact_uri("http://user:fake@127.0.0.1:5000") == "http://user:***@127.0.0.1:5000"
+    for kept in ("http://127.0.0.1:5000", "sqlite:////tmp/a:b@c/mlflow.db", "databricks", "file:///x/y", None):
+        assert redact_uri(kept) == kept
+
+
+def test_password_in_the_tracking_uri_is_never_logged(tmp_path):
+    """A real `mlflow server`, addressed as http://user:password@host (MLflow's client sends basic auth): the
+    training reaches it, and the password is in no param, tag, artifact (config.yaml, final.pt) or output."""
+    password = "Tr41n-" + secrets.token_hex(8)
+    store = tmp_path / "server"
+    store.mkdir()
+    port = free_port()
+    server = start_mlflow_server(port, store)
+    try:
+        uri = "http://robot:" + password + f"@127.0.0.1:{port}"  # (not a literal: the repository scan)
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+        args = ["train", "standard", "--set", "data.name=synthetic", "--set", "train.epochs=1",
+                "--set", "data.val_size=200", "--set", "validation.examples=50", "--set", "data.test_subset=100",
+                "--set", "eval.points=40", "--set", "eval.checks=false", "--set", "eval.protocol=custom",
+                "--set", "eval.autoattack=none", "--set", "eval.pgd_steps=2", "--set", f"tracking.tracking_uri={uri}"]
+        result = subprocess.run([sys.executable, "-m", "robustune.cli", *args], cwd=tmp_path, env=env, text=True,
+                                capture_output=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert password not in result.stdout + result.stderr
+        assert f"robot:***@127.0.0.1:{port}" in result.stdout
+
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        [run] = client.search_runs([client.get_experiment_by_name("robustune").experiment_id])
+        assert run.info.status == "FINISHED"
+        assert run.data.params["tracking.tracking_uri"] == f"http://robot:***@127.0.0.1:{port}"
+        assert password not in json.dumps({"params": run.data.params, "tags": run.data.tags})
+        downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "downloaded")))
+        files = [path for path in downloaded.rglob("*") if path.is_file()]
+        assert {"config.yaml", "final.pt"} <= {path.name for path in files}
+        for path in files:
+            assert password.encode() not in path.read_bytes(), path
+        # The run folder keeps the real URI locally: --resume must reach the same server.
+        [run_json] = (tmp_path / "runs").glob("*/run.json")
+        assert json.loads(run_json.read_text())["tracking_uri"] == uri
+    finally:
+        stop_group(server)
 
 
 # Sane patterns for committed credentials; placeholders (PASSWORD, <token>, ${VAR}, paths) are not secrets.
@@ -370,12 +419,6 @@ def test_no_code_path_turns_ray_token_authentication_off():
     offenders = [str(p.relative_to(REPO)) for p in paths
                  if p.suffix not in (".pyc", ".md") and pattern.search(p.read_text(errors="replace"))]  # prose may warn
     assert offenders == []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -59,14 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
             """), formatter_class=argparse.RawDescriptionHelpFormatter)
     search.add_argument("defense", nargs="?", help="defense to tune (`robustune methods`)")
     search.add_argument("--space", metavar="FILE", help="search-space YAML (default: the defense's shipped space)")
-    search.add_argument("--samples", type=int, default=8, help="number of trials (default 8)")
+    search.add_argument("--samples", type=int, default=8,
+                        help="number of trials (default 8; the grid searcher runs its whole grid)")
     search.add_argument("--max-concurrent", type=int, help="trials at once (default: what the CPUs fit)")
     search.add_argument("--epochs", type=int, help="epochs per trial (default: train.epochs)")
     search.add_argument("--objective", choices=["robust", "pareto", "constrained"], default="robust",
                         help="robust: max validation PGD accuracy; pareto: PGD and clean accuracy (Pareto front); "
                              "constrained: max PGD accuracy subject to clean accuracy >= --min-clean")
     search.add_argument("--min-clean", type=float, help="constrained objective's clean-accuracy floor")
-    search.add_argument("--searcher", choices=["tpe", "random"], default="tpe", help="Optuna sampler (seeded)")
+    search.add_argument("--searcher", choices=["tpe", "random", "grid"], default="tpe",
+                        help="Optuna sampler (seeded); grid runs every point of an even grid over the space")
+    search.add_argument("--grid-points", type=int, default=3,
+                        help="grid searcher: values per numeric knob (default 3; choices take all their values)")
     search.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="early stopping of trials")
     search.add_argument("--seed", type=int, default=0, help="searcher seed")
     search.add_argument("--no-default-point", action="store_true",
@@ -129,6 +133,7 @@ def command_methods() -> int:
 
 
 def command_train(args: argparse.Namespace) -> int:
+    from robustune import tracking
     from robustune.config import load_config
     from robustune.training import run_training
 
@@ -153,8 +158,9 @@ def command_train(args: argparse.Namespace) -> int:
         print(f"done: test clean {report['clean_acc']:.4f}, PGD-{report['pgd']['steps']} {report['pgd_acc']:.4f}, "
               + (f"AutoAttack ({report['autoattack']['version']}) {report['aa_acc']:.4f}"
                  if report.get("aa_acc") is not None else "AutoAttack not run"))
-    print(f"MLflow run {outcome.run_id} at {outcome.tracking_uri}")
-    print(f"  see it with: mlflow ui --backend-store-uri {outcome.tracking_uri}   (then open http://127.0.0.1:5000)")
+    print(f"MLflow run {outcome.run_id} at {tracking.redact_uri(outcome.tracking_uri)}")
+    print(f"  see it with: mlflow ui --backend-store-uri {tracking.redact_uri(outcome.tracking_uri)}   "
+          "(then open http://127.0.0.1:5000)")
     print(f"  run folder: {outcome.run_dir}")
     return 0
 
@@ -170,7 +176,8 @@ def command_search(args: argparse.Namespace) -> int:
         raise SystemExit("robustune search: name a defense (see `robustune methods`), or --resume SEARCH_DIR")
     settings = SearchSettings(defense=args.defense, samples=args.samples, max_concurrent=args.max_concurrent,
                               epochs=args.epochs, objective=args.objective, min_clean=args.min_clean,
-                              seed=args.seed, searcher=args.searcher, scheduler=args.scheduler,
+                              seed=args.seed, searcher=args.searcher, grid_points=args.grid_points,
+                              scheduler=args.scheduler,
                               include_default=not args.no_default_point, space_file=args.space)
     start_search(settings, raw_config(None, args.config, args.overrides), refit=args.refit)
     return 0

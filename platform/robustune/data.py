@@ -69,7 +69,11 @@ _INFOS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), 0.3, False),
     # Measured on the generator below (seed 0); other seeds differ by < 0.01.
     "synthetic": DatasetInfo("synthetic", 10, (1, 28, 28), (0.5000,), (0.2668,), 0.05, False),
+    # CIFAR-10's shape and size (50k/10k), for timing models and defenses where no CIFAR files are at hand.
+    "synthetic-cifar": DatasetInfo("synthetic-cifar", 10, (3, 32, 32), (0.5000,) * 3, (0.2668,) * 3, 8 / 255, False),
 }
+# Generated in memory: (training, test) examples.
+_SYNTHETIC_SIZES = {"synthetic": (3000, 1000), "synthetic-cifar": (50000, 10000)}
 
 
 def list_datasets() -> list[str]:
@@ -232,8 +236,8 @@ def resolve_data_dir(name: str, data_dir: str | os.PathLike[str] | None = None) 
     (fashion-mnist only); ./data/<name>; <repo root>/data/<name>. For CIFAR each place may be the
     `cifar-10-batches-py` / `cifar-100-python` folder itself or its parent.
     """
-    if name == "synthetic":
-        raise DataError("dataset 'synthetic' is generated in memory and has no data folder")
+    if name in _SYNTHETIC_SIZES:
+        raise DataError(f"dataset {name!r} is generated in memory and has no data folder")
     found, searched = _search(name, data_dir)
     if found is None:
         places = "\n  ".join(str(p) for p in searched)
@@ -247,7 +251,7 @@ def check_available(name: str, data_dir: str | os.PathLike[str] | None = None, d
     """Fail fast (DataError) when a dataset's files are missing and will not be downloaded.
 
     Called before any run starts, so a wrong --data-dir costs seconds, not a Ray start-up."""
-    if name == "synthetic" or download:
+    if name in _SYNTHETIC_SIZES or download:
         return
     folder = resolve_data_dir(name, data_dir)
     if name not in _CIFAR_FOLDERS:  # IDX: headers and sizes only, so a wrong or truncated file fails here too
@@ -446,17 +450,19 @@ def _download(name: str, data_dir: str | os.PathLike[str] | None) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _make_synthetic(seed: int, n_train: int = 3000, n_test: int = 1000) -> tuple[ArrayDataset, ArrayDataset]:
-    """10 classes, each a fixed random smooth 28x28 template; examples = template + noise."""
+def _make_synthetic(seed: int, shape: tuple[int, int, int] = (1, 28, 28), n_train: int = 3000,
+                    n_test: int = 1000) -> tuple[ArrayDataset, ArrayDataset]:
+    """10 classes, each a fixed random smooth template of `shape`; examples = template + noise."""
     g = torch.Generator().manual_seed(_mix_seed(seed, 0x5EED))
-    # Upsampled 7x7 noise gives blob-like templates that a small CNN or linear model separates.
-    coarse = torch.rand(10, 1, 7, 7, generator=g)
-    templates = F.interpolate(coarse, size=(28, 28), mode="bilinear", align_corners=False)
+    channels, height, width = shape
+    # Upsampled noise at a quarter of the size gives blob-like templates that a small CNN separates.
+    coarse = torch.rand(10, channels, height // 4, width // 4, generator=g)
+    templates = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
     templates = 0.15 + 0.7 * templates  # keep away from 0/1 so clipping rarely bites
 
     def sample(n: int) -> ArrayDataset:
         labels = torch.randint(0, 10, (n,), generator=g)
-        x = templates[labels] + 0.25 * torch.randn(n, 1, 28, 28, generator=g)
+        x = templates[labels] + 0.25 * torch.randn(n, *shape, generator=g)
         images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
         return ArrayDataset(images, labels.to(torch.int64))
 
@@ -554,8 +560,8 @@ def load_dataset(
     Within each split examples keep their original file order.
     """
     info = dataset_info(name)
-    if name == "synthetic":
-        train_full, test_full = _make_synthetic(seed)
+    if name in _SYNTHETIC_SIZES:
+        train_full, test_full = _make_synthetic(seed, info.input_shape, *_SYNTHETIC_SIZES[name])
     else:
         found, _ = _search(name, data_dir)
         if found is None:

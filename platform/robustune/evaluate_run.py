@@ -52,7 +52,8 @@ def locate(source: str, tracking_uri: str | None = None) -> Source:
         try:
             run = tracking.client(uri).get_run(source)
         except Exception as error:  # MLflow raises its own exception types for unknown ids
-            raise ConfigError(f"MLflow run {source} not found at {uri}: {str(error).splitlines()[0]}") from error
+            raise ConfigError(f"MLflow run {source} not found at {tracking.redact_uri(uri)}: "
+                              f"{str(error).splitlines()[0]}") from error
         params = run.data.params
         folder = Path(params.get("tracking.output_dir", "")) / params.get("tracking.run_name", "")
         if (folder / FINAL_MODEL_FILE).is_file():

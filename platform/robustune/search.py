@@ -47,7 +47,8 @@ class SearchSettings:
     objective: Objective = "robust"
     min_clean: float | None = None  # constrained: validation clean accuracy must reach this
     seed: int = 0
-    searcher: Literal["tpe", "random"] = "tpe"
+    searcher: Literal["tpe", "random", "grid"] = "tpe"
+    grid_points: int = 3  # grid: values per uniform/loguniform/int knob (choices: all); samples = the grid's size
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: float = 2.0
@@ -66,6 +67,10 @@ class SearchSettings:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if self.objective == "constrained" and (self.min_clean is None or not 0 <= self.min_clean <= 1):
             raise ConfigError("--objective constrained needs --min-clean X with X in [0, 1]")
+        if self.searcher not in ("tpe", "random", "grid"):
+            raise ConfigError(f"searcher must be 'tpe', 'random' or 'grid', got {self.searcher!r}")
+        if self.grid_points < 1:
+            raise ConfigError(f"--grid-points must be >= 1, got {self.grid_points}")
         if self.grace_period < 1 or self.reduction_factor <= 1:
             raise ConfigError("ASHA needs grace_period >= 1 and reduction_factor > 1")
         if self.budget_s is not None and not self.budget_s > 0:
@@ -120,24 +125,34 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], search_dir: str,
 
 
 class ComputeBudget(Stopper):
-    """The search's compute budget: worker-seconds inside the trials' training epochs. Once spent, each running
-    trial stops at its next epoch report (the way ASHA stops a trial) and `BudgetedSearch` starts no new one.
+    """The search's compute budget: worker-seconds inside the trials' training epochs. A running trial stops at
+    an epoch report (the way ASHA stops a trial) when its next epoch, as long as its last one, would overrun the
+    budget, and `BudgetedSearch` starts no new trial once a typical epoch no longer fits. So a search ends
+    under its budget, give or take the epoch that another trial has in progress at the time.
     (Tune's stop_all would kill running trials mid-start and can leave their workers' resources reserved.)"""
 
     def __init__(self, budget_s: float | None, workers: int):
         self.budget_s, self.workers = budget_s, workers
         self.seconds: dict[str, float] = {}  # trial id -> its time/total_s so far
+        self.last_epoch_s: dict[str, float] = {}  # trial id -> its last epoch's time/total_s increase
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        self.seconds[trial_id] = max(self.seconds.get(trial_id, 0.0), float(result.get("time/total_s") or 0.0))
-        return self.spent()
+        total = max(self.seconds.get(trial_id, 0.0), float(result.get("time/total_s") or 0.0))
+        self.last_epoch_s[trial_id] = total - self.seconds.get(trial_id, 0.0)
+        self.seconds[trial_id] = total
+        return self._overrun(self.last_epoch_s[trial_id])
 
     @property
     def spent_s(self) -> float:
         return sum(self.seconds.values()) * self.workers
 
+    def _overrun(self, next_epoch_s: float) -> bool:
+        return self.budget_s is not None and self.spent_s + next_epoch_s * self.workers > self.budget_s
+
     def spent(self) -> bool:
-        return self.budget_s is not None and self.spent_s >= self.budget_s
+        """No room left for another typical epoch (the median of the epochs seen so far)."""
+        epochs = sorted(self.last_epoch_s.values())
+        return self._overrun(epochs[len(epochs) // 2] if epochs else 0.0)
 
     def stop_all(self) -> bool:
         return False
@@ -209,9 +224,15 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
         metric, mode = ["objective", CLEAN_METRIC], ["max", "max"]
     else:
         metric, mode = "objective", "max"
-    sampler = (optuna.samplers.RandomSampler(seed=settings.seed) if settings.searcher == "random"
-               else optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=min(4, settings.samples)))
-    defaults = default_point(settings.defense, space, base) if settings.include_default else None
+    if settings.searcher == "grid":
+        sampler = optuna.samplers.GridSampler(grid_values(space, settings.grid_points), seed=settings.seed)
+    elif settings.searcher == "random":
+        sampler = optuna.samplers.RandomSampler(seed=settings.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=min(4, settings.samples))
+    # A grid is the grid: the defaults are not added to it.
+    defaults = (default_point(settings.defense, space, base)
+                if settings.include_default and settings.searcher != "grid" else None)
     searcher = OptunaSearch(space={k: d.to_optuna() for k, d in space.items()}, metric=metric, mode=mode,
                             sampler=sampler, points_to_evaluate=[defaults] if defaults else None)
     scheduler = (ASHAScheduler(time_attr="training_iteration", metric="objective", mode="max", max_t=epochs,
@@ -223,6 +244,14 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=settings.samples,
                                   max_concurrent_trials=settings.max_concurrent)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def grid_values(space: dict[str, Distribution], points: int) -> dict[str, list[Any]]:
+    return {key: dist.grid(points) for key, dist in space.items()}
+
+
+def grid_size(space: dict[str, Distribution], points: int) -> int:
+    return math.prod(len(values) for values in grid_values(space, points).values())
 
 
 def default_point(defense: str, space: dict[str, Distribution], base: dict[str, Any]) -> dict[str, Any] | None:
@@ -269,6 +298,8 @@ def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Calla
     base = resolve_config(base_data)
     space = load_space(settings.defense, settings.space_file)
     check_samples_resolve(space, base.to_dict())
+    if settings.searcher == "grid":  # the whole grid, once (a compute budget can still end it early)
+        settings.samples = grid_size(space, settings.grid_points)
     check_available(base.data.name, base.data.data_dir, base.data.download)
 
     base.tracking.tracking_uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)

@@ -67,8 +67,10 @@ class Distribution:
             return [(self.low + self.high) / 2]
         if self.type == "loguniform":
             ratio = (self.high / self.low) ** (1 / (points - 1))
-            return [self.low * ratio ** i for i in range(points)]
-        return [self.low + (self.high - self.low) * i / (points - 1) for i in range(points)]
+            values = [self.low * ratio ** i for i in range(points)]
+        else:
+            values = [self.low + (self.high - self.low) * i / (points - 1) for i in range(points)]
+        return [min(max(v, self.low), self.high) for v in values]  # rounding must not step outside the range
 
 
 def default_space_path(defense: str) -> Path:

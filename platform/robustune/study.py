@@ -54,7 +54,7 @@ STUDY_KEYS = {"name", "description", "dataset", "model", "epsilon", "epochs", "s
 ENTRY_KEYS = {"defense", "label", "tune", "set", "space", "samples", "epochs", "searcher", "scheduler", "budget",
               "init_from"}
 SEARCH_KEYS = {"samples", "epochs", "searcher", "scheduler", "grace_period", "reduction_factor", "objective",
-               "min_clean", "seed"}
+               "min_clean", "seed", "grid_points"}
 
 
 @dataclass
@@ -261,7 +261,7 @@ def start_study(study: Study, log: Callable[[str], None] = print) -> Path:
                             "tracking_uri": uri, "output_dir": str(output_dir), "started": time.time(),
                             "runs": {}, "searches": {}})
     log(f"study {instance}: {len(study.entries)} defenses x {len(study.seeds)} seed(s); MLflow parent run "
-        f"{parent_run_id} at {uri}")
+        f"{parent_run_id} at {tracking.redact_uri(uri)}")
     log(f"study folder {study_dir} (continue an interrupted study with: robustune study --resume {study_dir})")
     return run_stages(study_dir, log)
 
@@ -310,7 +310,7 @@ def run_stages(study_dir: Path, log: Callable[[str], None]) -> Path:
     state = _load_state(study_dir)
     log(f"study finished in {time.time() - state['started']:.0f}s since it started "
         f"({len(table)} leaderboard rows); MLflow parent run {parent}")
-    log(f"  see it with: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    log(f"  see it with: mlflow ui --backend-store-uri {tracking.redact_uri(uri)}   (then open http://127.0.0.1:5000)")
     return study_dir
 
 

@@ -12,6 +12,7 @@ sent at most once per (key, step). Other failures (a bad value, a local store's 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +38,20 @@ OUTBOX_FILES = "mlflow_outbox_files"  # in a run folder: copies of artifact file
 # outbox keeps what does not get through. Values the user sets in the environment win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+_URI_PASSWORD = re.compile(r"(?P<head>^[\w+.-]+://[^/@:]*:)[^/@]*(?=@)")
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """The URI with any password replaced by *** (postgresql://user:secret@host/db -> postgresql://user:***@host/db)."""
+    return _URI_PASSWORD.sub(r"\g<head>***", uri) if uri else uri
+
+
+def public_config(config: Config) -> dict[str, Any]:
+    """The config as logged and shared (MLflow params, config.yaml artifact, final.pt): no password of the
+    tracking URI. The run folder's own config.yaml keeps the real URI, which --resume needs."""
+    data = config.to_dict()
+    data["tracking"] = {**data["tracking"], "tracking_uri": redact_uri(data["tracking"]["tracking_uri"])}
+    return data
 
 
 class TrackingError(ConfigError):
@@ -61,7 +77,8 @@ def client(uri: str):
 
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
-
+    if redact_uri(uri) != uri:  # MLflow prints "View run at <URI>" links with the password as given
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -103,8 +120,9 @@ def create_run(config: Config, run_name: str, extra_tags: dict[str, str] | None 
         tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow_client.create_run(experiment_id(uri, config.tracking.experiment), run_name=run_name, tags=tags)
     run_id = run.info.run_id
-    log_params(uri, run_id, flatten(config.to_dict()))
-    log_text(uri, run_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
+    shared = public_config(config)
+    log_params(uri, run_id, flatten(shared))
+    log_text(uri, run_id, yaml.safe_dump(shared, sort_keys=False), "config.yaml")
     return run_id
 
 
@@ -112,13 +130,22 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
     """TrackingError when `uri` is an MLflow server (http/https) that does not answer; local stores pass."""
     if not uri.startswith(("http://", "https://")):
         return
+    # urllib does not take user:password@ from the URL itself: send it as basic auth (as MLflow's client does).
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    request = urllib.request.Request(urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health",
+                                                              "", "")))
+    if parts.username is not None:
+        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        urllib.request.urlopen(request, timeout=timeout).close()
     except urllib.error.HTTPError:
         return  # it answered (an auth proxy, a server without /health): reachable
     except (urllib.error.URLError, OSError) as error:
         raise TrackingError(
-            f"the MLflow tracking server {uri} does not answer ({getattr(error, 'reason', error)}); start it "
+            f"the MLflow tracking server {redact_uri(uri)} does not answer ({getattr(error, 'reason', error)}); "
+            f"start it "
             f"(for example: mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db), "
             f"or set MLFLOW_TRACKING_URI (or tracking.tracking_uri) to a running server, or unset it to log to "
             f"the local store ./{DEFAULT_STORE}") from error
@@ -204,9 +231,9 @@ def _send(uri: str, run_id: str, op: str, **fields: Any) -> None:
         if outbox is None or not _unreachable(uri, error):
             raise
         _append(outbox, record)
-        sys.stderr.write(f"warning: the MLflow server {uri} is unreachable ({_short_reason(error)}); this run's tracking "
-                         f"records go to {outbox} from now on: send them with `robustune sync {outbox.parent}` "
-                         "once the server is back\n")
+        sys.stderr.write(f"warning: the MLflow server {redact_uri(uri)} is unreachable ({_short_reason(error)}); "
+                         f"this run's tracking records go to {outbox} from now on: send them with "
+                         f"`robustune sync {outbox.parent}` once the server is back\n")
         sys.stderr.flush()
 
 

@@ -393,7 +393,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                "train_seconds": loop.total_seconds}
     tracking.set_tag(uri, run_id, "stop_reason", loop.stop_reason)
     tracking.set_tag(uri, run_id, "selected_epoch", str(loop.selected_epoch))
-    final = {"model": loop.model.state_dict(), "defense": loop.defense.state_dict(), "config": config.to_dict()}
+    final = {"model": loop.model.state_dict(), "defense": loop.defense.state_dict(),
+             "config": tracking.public_config(config)}  # final.pt is logged to MLflow: no URI password
     if not config.eval.enabled:
         save_checkpoint(final, run_dir / FINAL_MODEL_FILE)  # for a later `robustune evaluate` or a study
         (run_dir / REPORT_FILE).write_text(json.dumps({"evaluated": False, **summary}, indent=2))
@@ -636,7 +637,7 @@ def run_training(config: Config | None = None, *, resume_dir: str | Path | None 
         config, run_id, run_dir = prepare_run(config, extra_tags, parent_run_id)
         tracking.use_outbox(run_id, run_dir)
         log(f"run {run_dir.name}: MLflow run {run_id} in experiment '{config.tracking.experiment}' "
-            f"at {config.tracking.tracking_uri}")
+            f"at {tracking.redact_uri(config.tracking.tracking_uri)}")
         log(f"run folder {run_dir} (continue an interrupted run with: robustune train --resume {run_dir})")
     uri = config.tracking.tracking_uri
 

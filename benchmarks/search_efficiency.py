@@ -1,0 +1,129 @@
+"""Search efficiency: TPE + ASHA versus random search versus a grid, on the same space, same data, same trials.
+
+For each defense the grid runs first (every point, every trial to the last epoch, no early stopping); its
+compute (worker-seconds inside training epochs, validation included: the search's own budget measure) sets
+the budget of the other two: `--budget-fraction` of the grid's (default 0.3, a margin under the target's
+third because a budget is enforced at epoch boundaries and running trials finish their epoch). TPE + ASHA
+and random search (no early stopping) then run under that budget with `--seeds` searcher seeds. The table
+gives each search's best validation PGD accuracy (the objective every trial reports; 1000 validation images,
+so about +-1.4 points of sampling noise), the compute it spent, that compute as a share of the grid's, and
+the gap to the grid's best in points, per seed and as a mean over seeds. Target: TPE + ASHA within 1 point
+of the grid's best (mean over seeds) with at most a third of its compute (every seed). Nothing is asserted.
+
+Spaces: FGSM-RS uses its shipped space (step alpha / eps, learning rate); PGD-AT uses its shipped ranges for
+alpha / eps and learning rate with 5 steps and the training radius fixed (`benchmarks/spaces/pgd_2d.yaml`), so
+its grid stays affordable on a CPU.
+
+    python benchmarks/search_efficiency.py [--defenses fgsm_rs pgd] [--grid-points 4 3] [--seeds 0]
+        [--epochs 4] [--train-subset 4000] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SPACES = {"fgsm_rs": None, "pgd": HERE / "spaces" / "pgd_2d.yaml"}  # None: the shipped space
+FIXED = {"pgd": ["method.steps=5", "method.epsilon_ratio=1.0"]}  # the knobs a 2-D PGD space leaves out
+
+
+def search(defense: str, searcher: str, scheduler: str, *, seed: int, epochs: int, grid_points: int,
+           budget_s: float | None, base_overrides: list[str], workdir: Path) -> dict:
+    """One search; its best validation PGD accuracy, compute and wall time (from its results.parquet)."""
+    import pandas as pd
+
+    from robustune.config import raw_config
+    from robustune.search import RESULTS_FILE, SearchSettings, start_search
+
+    name = f"{defense}-{searcher}-{scheduler}-seed{seed}"
+    settings = SearchSettings(defense=defense, samples=200, epochs=epochs, seed=seed, searcher=searcher,
+                              scheduler=scheduler, grid_points=grid_points, budget_s=budget_s,
+                              space_file=str(SPACES[defense]) if SPACES[defense] else None)
+    base = raw_config(None, None, [*base_overrides, *FIXED.get(defense, []), f"tracking.run_name={name}",
+                                   f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+                                   f"tracking.output_dir={workdir / 'runs'}"])
+    started = time.time()
+    summary = start_search(settings, base, log=lambda _: None)
+    rows = pd.read_parquet(Path(summary["search_dir"]) / RESULTS_FILE)
+    best = summary.get("best") or {}
+    return {"searcher": "TPE + ASHA" if scheduler == "asha" else searcher, "seed": seed, "trials": len(rows),
+            "full_trials": int((rows["status"] == "completed").sum()),
+            "compute_s": float(rows["epochs_s"].sum()),  # one worker per trial: seconds = worker-seconds
+            "wall_s": time.time() - started,
+            "best_val_pgd": (best.get("metrics") or {}).get("val_pgd_acc"),
+            "best_params": best.get("params")}
+
+
+def table(defense: str, grid: dict, others: list[dict], budget_s: float) -> list[str]:
+    lines = [f"**{defense}** (grid {grid['trials']} points; budget for the others {budget_s:.0f} worker-s)", "",
+             "| search | seed | trials (full length) | compute worker-s | x grid's | wall s | best val PGD "
+             "| gap to grid (points) | target met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def share(row: dict) -> float:
+        return row["compute_s"] / grid["compute_s"]
+
+    def gap(row: dict) -> float:
+        return 100 * (row["best_val_pgd"] - grid["best_val_pgd"])
+
+    for row in [grid, *others]:
+        lines.append(f"| {row['searcher']} | {row['seed']} | {row['trials']} ({row['full_trials']}) "
+                     f"| {row['compute_s']:.0f} | {share(row):.2f} | {row['wall_s']:.0f} | {row['best_val_pgd']:.4f} "
+                     f"| {gap(row):+.1f} | |")
+    for searcher in dict.fromkeys(row["searcher"] for row in others):
+        rows = [row for row in others if row["searcher"] == searcher]
+        mean_gap, worst_share = sum(map(gap, rows)) / len(rows), max(map(share, rows))
+        met = ("yes" if mean_gap >= -1 and worst_share <= 1 / 3 else "no") if searcher == "TPE + ASHA" else ""
+        mean_compute = sum(r["compute_s"] for r in rows) / len(rows)
+        lines.append(f"| **{searcher}, mean of {len(rows)} seed(s)** | | | {mean_compute:.0f} "
+                     f"| {worst_share:.2f} (most) | | {sum(r['best_val_pgd'] for r in rows) / len(rows):.4f} "
+                     f"| **{mean_gap:+.1f}** | {met} |")
+    lines += ["", "best points: " + "; ".join(f"{r['searcher']} seed {r['seed']}: "
+                                              + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                          for k, v in (r['best_params'] or {}).items())
+                                              for r in [grid, *others]), ""]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--defenses", nargs="+", default=["fgsm_rs", "pgd"], choices=sorted(SPACES))
+    parser.add_argument("--grid-points", nargs="+", type=int, default=[4, 3],
+                        help="values per knob of each defense's grid, in --defenses order")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="searcher seeds of TPE+ASHA and random")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per trial (ASHA rungs at 1, 2, 4)")
+    parser.add_argument("--train-subset", type=int, default=4000)
+    parser.add_argument("--budget-fraction", type=float, default=0.3)
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
+    args = parser.parse_args()
+    if len(args.grid_points) < len(args.defenses):
+        parser.error("--grid-points needs one value per defense")
+
+    workdir = Path(tempfile.mkdtemp(prefix="robustune-search-efficiency-"))
+    base_overrides = [f"data.train_subset={args.train_subset}", "data.val_size=1000", "validation.examples=1000",
+                      *args.overrides]
+    lines = [f"Fashion-MNIST ({args.train_subset} training / 1000 validation images), small CNN, eps 0.1, "
+             f"{args.epochs} epochs per trial, 2 trials at once; compute = worker-seconds inside training epochs "
+             "(validation included)", ""]
+    for defense, points in zip(args.defenses, args.grid_points):
+        common = dict(epochs=args.epochs, grid_points=points, base_overrides=base_overrides, workdir=workdir)
+        print(f"{defense}: grid search ...", flush=True)
+        grid = search(defense, "grid", "none", seed=0, budget_s=None, **common)
+        budget = args.budget_fraction * grid["compute_s"]
+        others = []
+        for seed in args.seeds:
+            for searcher, scheduler in (("tpe", "asha"), ("random", "none")):
+                print(f"{defense}: {searcher} + {scheduler}, seed {seed}, budget {budget:.0f} worker-s ...", flush=True)
+                others.append(search(defense, searcher, scheduler, seed=seed, budget_s=budget, **common))
+        lines += table(defense, grid, others, budget)
+        print("\n".join(lines), flush=True)
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
