@@ -87,8 +87,8 @@ def main() -> None:
     ray_compute = statistics.median(compute[1:])
     overhead = statistics.median(framework)
     where = "1 GPU" if args.gpu else f"{threads} thread(s)"
-    lines = [f"{args.method} on Fashion-MNIST ({args.train_subset} training images), {args.epochs} epochs, {where}; "
-             f"torch {torch.__version__}", "",
+    lines = [f"{args.method} on {config.data.name} ({args.train_subset} training images), {config.model_name}, "
+             f"{args.epochs} epochs, {where}; torch {torch.__version__}", "",
              "| measure | seconds | share of the bare epoch |",
              "|---|---|---|",
              f"| bare loop, median epoch (train + validation; runs before and after) | {bare_epoch:.2f} | 100% |",

@@ -5,7 +5,8 @@
     python benchmarks/run_all.py --only overhead scaling --out /tmp/results.md
 
 Each benchmark runs as its own process (its own Ray and torch state); a benchmark that fails is reported
-in the file with its exit status and the end of its output, and the others still run.
+in the file with its exit status and the end of its output, and the others still run. With --only, the
+other benchmarks' sections already in the output file are kept.
 
 The GPU variant times the defenses with PreActResNet-18 on CIFAR-shaped synthetic data (`synthetic-cifar`:
 3x32x32, 50k images; PreActResNet-18 needs 32x32 inputs) and with the small CNN on Fashion-MNIST, the
@@ -31,6 +32,10 @@ def cpu_benchmarks() -> dict[str, tuple[str, list[str]]]:
     return {
         "defense_cost": ("Per-defense epoch time versus its declared forward/backward floor (target: within 15%)",
                          ["defense_cost.py", "--repeats", "3", "--threads", "1"]),
+        "defense_cost_resnet": ("The defenses with auxiliary networks next to PreActResNet-18 (CIFAR-shaped "
+                                "synthetic data, 256 images, CPU)",
+                                ["defense_cost.py", "--methods", "efgsm", "fgsm_sdi", "--train-subset", "256",
+                                 "--repeats", "2", "--threads", "2", *CIFAR_SHAPED]),
         "overhead": ("Ray Train + MLflow overhead per epoch versus a bare loop (target: under 10%)",
                      ["overhead.py", "--epochs", "4"]),
         "scaling": ("Data-parallel scaling, 1 -> 2 workers", ["scaling.py", "--epochs", "3"]),
@@ -55,6 +60,14 @@ def gpu_benchmarks(gpus: int) -> dict[str, tuple[str, list[str]]]:
                                  ["scaling.py", "--gpu", "--epochs", "3", "--model", "preact_resnet18",
                                   "--dataset", "synthetic-cifar"])
     return benchmarks
+
+
+def previous_sections(path: Path) -> dict[str, str]:
+    """title -> text of each `## title` section of an earlier results file."""
+    if not path.is_file():
+        return {}
+    parts = ("\n" + path.read_text()).split("\n## ")[1:]
+    return {part.split("\n", 1)[0]: part.split("\n", 1)[1].strip() for part in parts if "\n" in part}
 
 
 def machine() -> str:
@@ -101,17 +114,23 @@ def main() -> int:
     out = Path(args.out or HERE / ("RESULTS-gpu.md" if args.gpu else "RESULTS.md"))
 
     workdir = Path(tempfile.mkdtemp(prefix="robustune-benchmarks-"))
-    sections = [f"# Benchmarks{' (GPU)' if args.gpu else ''}", "",
-                f"Machine: {machine()}.", "",
-                f"Produced by `python benchmarks/run_all.py{' --gpu' if args.gpu else ''}`; every ratio below was "
-                "measured within one run of its script. Nothing here is asserted by the tests.", ""]
+    header = [f"# Benchmarks{' (GPU)' if args.gpu else ''}", "",
+              f"Machine: {machine()}.", "",
+              f"Produced by `python benchmarks/run_all.py{' --gpu' if args.gpu else ''}`; every ratio below was "
+              "measured within one run of its script. Nothing here is asserted by the tests.", ""]
+    # title -> section text, in the benchmarks' order; sections of benchmarks not run now are kept from the file
+    kept = previous_sections(out) if args.only else {}
+    sections = {title: kept[title] for title, _ in benchmarks.values() if title in kept}
     failed = 0
     for name, (title, argv) in chosen.items():
         status, table, seconds = run(name, argv, workdir)
         failed += status != 0
-        sections += [f"## {title}", "", f"`python benchmarks/{' '.join(argv)}` ({seconds:.0f} s"
-                     + (f", FAILED with exit status {status}" if status else "") + ")", "", table.rstrip(), ""]
-        out.write_text("\n".join(sections) + "\n")  # after every benchmark: a crash later keeps these
+        sections[title] = "\n".join([f"`python benchmarks/{' '.join(argv)}` ({seconds:.0f} s"
+                                     + (f", FAILED with exit status {status}" if status else "") + ")", "",
+                                     table.rstrip()])
+        ordered = [title for title, _ in benchmarks.values() if title in sections]
+        body = [f"## {title}\n\n{sections[title]}\n" for title in ordered]
+        out.write_text("\n".join(header) + "\n" + "\n".join(body))  # after every benchmark: a crash keeps these
     print(f"wrote {out}")
     return 1 if failed else 0
 

@@ -106,9 +106,12 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="robustune-search-efficiency-"))
     base_overrides = [f"data.train_subset={args.train_subset}", "data.val_size=1000", "validation.examples=1000",
                       *args.overrides]
-    lines = [f"Fashion-MNIST ({args.train_subset} training / 1000 validation images), small CNN, eps 0.1, "
-             f"{args.epochs} epochs per trial, 2 trials at once; compute = worker-seconds inside training epochs "
-             "(validation included)", ""]
+    from robustune.config import load_config
+
+    setup = load_config("standard", overrides=base_overrides)
+    lines = [f"{setup.data.name} ({args.train_subset} training / 1000 validation images), {setup.model_name}, "
+             f"eps {setup.epsilon:.3g}, {args.epochs} epochs per trial, trials at once: as many as the CPUs fit; "
+             "compute = worker-seconds inside training epochs (validation included)", ""]
     for defense, points in zip(args.defenses, args.grid_points):
         common = dict(epochs=args.epochs, grid_points=points, base_overrides=base_overrides, workdir=workdir)
         print(f"{defense}: grid search ...", flush=True)

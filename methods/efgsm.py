@@ -52,6 +52,7 @@ from robustune.losses import smoothed_cross_entropy
 from robustune.defense import Cost, Defense, DefenseContext, StepResult, register_defense
 
 _MERGE_CHUNK = 4096  # examples per chunk when folding the epoch's directions into Gamma (bounds memory)
+RECONSTRUCTOR = "re-constructor R: 2 dense layers + 3 transposed convolutions, forward + backward every batch"
 
 
 class Reconstructor(nn.Module):
@@ -153,8 +154,9 @@ class EFGSM(Defense):
     def cost(self) -> Cost:
         if self.closest_class == "all":  # one input gradient per class (10 before setup tells the real count)
             ctx = getattr(self, "ctx", None)
-            return Cost(forward=2, backward=1 + (ctx.num_classes if ctx is not None else 10))
-        return Cost(forward=2, backward=2)
+            return Cost(forward=2, backward=1 + (ctx.num_classes if ctx is not None else 10),
+                        auxiliary=RECONSTRUCTOR)
+        return Cost(forward=2, backward=2, auxiliary=RECONSTRUCTOR)
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, model: nn.Module, ctx: DefenseContext) -> None:

@@ -110,7 +110,8 @@ class FGSMSDI(Defense):
 
     def cost(self) -> Cost:
         passes = 3 + 2 / self.generator_update_every
-        return Cost(forward=passes, backward=passes)
+        return Cost(forward=passes, backward=passes,
+                    auxiliary="generator G: 3 convolutions at full resolution, generator_width channels, every batch")
 
     def setup(self, model: nn.Module, ctx: DefenseContext) -> None:
         super().setup(model, ctx)

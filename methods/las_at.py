@@ -219,7 +219,8 @@ class LASAT(Defense):
         k, steps, restarts = self.update_every, self.reward_pgd_steps, self.reward_pgd_restarts
         extra_forward = mean_steps + 1 + 1 + restarts * (steps + 1) + 2
         extra_backward = mean_steps + 1 + restarts * steps
-        return Cost(forward=mean_steps + 1 + extra_forward / k, backward=mean_steps + 1 + extra_backward / k)
+        return Cost(forward=mean_steps + 1 + extra_forward / k, backward=mean_steps + 1 + extra_backward / k,
+                    auxiliary="strategy net (a small CNN up to 28x28, a ResNet-18 above): a forward every batch")
 
     # ---------------------------------------------------------------------------------------- setup
     def grids(self) -> dict[str, list[float]]:

@@ -164,6 +164,13 @@ def test_redact_uri_hides_only_the_password():
     assert redact_uri("http://user:fake@127.0.0.1:5000") == "http://user:***@127.0.0.1:5000"
     for kept in ("http://127.0.0.1:5000", "sqlite:////tmp/a:b@c/mlflow.db", "databricks", "file:///x/y", None):
         assert redact_uri(kept) == kept
+    # A search's best_config.yaml is logged from a config dict: redacted too, the caller's dict untouched.
+    from robustune.tracking import public_config
+
+    config = {"tracking": {"tracking_uri": "http://u:fake@h:1", "experiment": "e"}, "train": {"lr": 0.1}}
+    assert public_config(config) == {"tracking": {"tracking_uri": "http://u:***@h:1", "experiment": "e"},
+                                     "train": {"lr": 0.1}}
+    assert config["tracking"]["tracking_uri"] == "http://u:fake@h:1"
 
 
 def test_password_in_the_tracking_uri_is_never_logged(tmp_path):

@@ -27,6 +27,9 @@ class Cost:
 
     forward: float
     backward: float
+    # Auxiliary networks the defense also runs per batch, outside this count (their cost relative to the
+    # target depends on the target: large next to a small CNN, small next to a ResNet). Not compared.
+    auxiliary: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         return f"{self.forward:g}F{self.backward:g}B"

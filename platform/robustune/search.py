@@ -377,7 +377,8 @@ def _run(search_dir: Path, log: Callable[[str], None], restore: bool, refit: boo
         best_config = base
         for key, value in best["params"].items():
             best_config = apply_override(best_config, key.split("."), value)
-        tracking.log_text(uri, parent_run_id, yaml.safe_dump(best_config, sort_keys=False), "search/best_config.yaml")
+        tracking.log_text(uri, parent_run_id, yaml.safe_dump(tracking.public_config(best_config), sort_keys=False),
+                          "search/best_config.yaml")
         summary["best_config"] = best_config
     tracking.log_dict(uri, parent_run_id, {k: v for k, v in summary.items() if k != "best_config"},
                       "search/summary.json")

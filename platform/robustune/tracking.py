@@ -46,11 +46,12 @@ def redact_uri(uri: str | None) -> str | None:
     return _URI_PASSWORD.sub(r"\g<head>***", uri) if uri else uri
 
 
-def public_config(config: Config) -> dict[str, Any]:
-    """The config as logged and shared (MLflow params, config.yaml artifact, final.pt): no password of the
-    tracking URI. The run folder's own config.yaml keeps the real URI, which --resume needs."""
-    data = config.to_dict()
-    data["tracking"] = {**data["tracking"], "tracking_uri": redact_uri(data["tracking"]["tracking_uri"])}
+def public_config(config: Config | dict[str, Any]) -> dict[str, Any]:
+    """The config as logged and shared (MLflow params and artifacts, final.pt): no password of the tracking
+    URI. The run folder's own config.yaml and search.json keep the real URI, which --resume needs."""
+    data = dict(config.to_dict() if isinstance(config, Config) else config)
+    if isinstance(data.get("tracking"), dict):
+        data["tracking"] = {**data["tracking"], "tracking_uri": redact_uri(data["tracking"].get("tracking_uri"))}
     return data
 
 
