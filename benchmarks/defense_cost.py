@@ -29,8 +29,8 @@ import torch
 def paired_epoch_seconds(method: str, overrides: list[str], repeats: int,
                          device: torch.device) -> tuple[float, float]:
     """Median epoch seconds of (standard, method), measured alternately in this process."""
-    from robustune.config import load_config
-    from robustune.training import TrainingLoop
+    from robustune.resolve import load_config
+    from robustune.loop import TrainingLoop
 
     loops = {name: TrainingLoop(load_config(name, overrides=overrides), device=device, log=lambda _: None)
              for name in ("standard", method)}
@@ -65,7 +65,7 @@ def main() -> None:
         parser.error("--device cuda: this machine has no CUDA device")
     overrides = [f"data.train_subset={args.train_subset}", "train.epochs=100", *args.overrides]
     methods = [m for m in (args.methods or list_defenses()) if m != "standard"]
-    from robustune.config import load_config
+    from robustune.resolve import load_config
 
     setup = load_config("standard", overrides=overrides)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"

@@ -28,7 +28,7 @@ def main() -> None:
 
     import ray
 
-    from robustune.config import load_config
+    from robustune.resolve import load_config
     from robustune.defense import list_defenses
     from robustune.training import run_training
 

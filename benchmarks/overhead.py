@@ -28,8 +28,8 @@ import torch
 
 
 def bare_epochs(method: str, overrides: list[str], device: torch.device) -> list[float]:
-    from robustune.config import load_config
-    from robustune.training import TrainingLoop
+    from robustune.resolve import load_config
+    from robustune.loop import TrainingLoop
 
     loop = TrainingLoop(load_config(method, overrides=overrides), device=device, log=lambda _: None)
     seconds = []
@@ -52,8 +52,9 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from robustune.config import load_config
-    from robustune.training import run_training, worker_threads
+    from robustune.resolve import load_config
+    from robustune.cluster import worker_threads
+    from robustune.training import run_training
 
     workdir = Path(tempfile.mkdtemp(prefix="robustune-bench-"))
     uri = f"sqlite:///{workdir / 'mlflow.db'}"

@@ -39,6 +39,8 @@ def cpu_benchmarks() -> dict[str, tuple[str, list[str]]]:
         "overhead": ("Ray Train + MLflow overhead per epoch versus a bare loop (target: under 10%)",
                      ["overhead.py", "--epochs", "4"]),
         "scaling": ("Data-parallel scaling, 1 -> 2 workers", ["scaling.py", "--epochs", "3"]),
+        "startup": ("Fixed cost per trial and per run (targets: a reused trial reaches its first epoch within 1 s; "
+                    "at most 10% of a search's trial slots outside training epochs)", ["startup.py"]),
         "search_efficiency": ("Search efficiency: TPE + ASHA versus random versus grid (target: TPE + ASHA within "
                               "1 point of the grid's best with at most a third of its compute)",
                               ["search_efficiency.py", "--seeds", "0", "1", "2"]),

@@ -24,7 +24,7 @@ from pathlib import Path
 def run(overrides: list[str], workers: int, threads: int, gpu: bool, workdir: Path, label: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from robustune.config import load_config
+    from robustune.resolve import load_config
     from robustune.training import run_training
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"

@@ -106,7 +106,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="robustune-search-efficiency-"))
     base_overrides = [f"data.train_subset={args.train_subset}", "data.val_size=1000", "validation.examples=1000",
                       *args.overrides]
-    from robustune.config import load_config
+    from robustune.resolve import load_config
 
     setup = load_config("standard", overrides=base_overrides)
     lines = [f"{setup.data.name} ({args.train_subset} training / 1000 validation images), {setup.model_name}, "

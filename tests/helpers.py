@@ -60,3 +60,23 @@ def start_mlflow_server(port: int, store: Path) -> subprocess.Popen:
             time.sleep(0.3)
     stop_group(process)
     pytest.fail("mlflow server did not answer within 90 s")
+
+
+TRIAL_EPOCH_METRICS = ["train/loss", "train/acc", "train/clean_acc", "val/clean_acc", "val/pgd_acc",
+                       "time/epoch_s", "time/total_s", "alarm/overfit"]
+MLFLOW_STATUS = {"completed": "FINISHED", "overfit_alarm": "FINISHED", "asha_stopped": "KILLED",
+                 "budget_stopped": "KILLED", "failed": "FAILED"}
+
+
+def assert_trials_tracked_as_they_ended(client, rows) -> None:
+    """Every search trial's MLflow run ended in the state its results.parquet row says (FINISHED, KILLED with its
+    stop reason, FAILED) and holds every epoch it trained, each once."""
+    for row in rows:
+        run = client.get_run(row["run_id"])
+        assert run.info.status == MLFLOW_STATUS[row["status"]], (row["trial_id"], row["status"], run.info.status)
+        if row["status"] in ("asha_stopped", "budget_stopped", "failed"):
+            assert run.data.tags.get("stop_reason") == row["status"], (row, run.data.tags)
+        if row["status"] != "failed":
+            for key in TRIAL_EPOCH_METRICS:
+                steps = sorted(m.step for m in client.get_metric_history(row["run_id"], key))
+                assert steps == list(range(1, row["epochs_run"] + 1)), (row["trial_id"], key, steps)

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustune.attacks import pgd
-from robustune.config import ConfigError, load_config
+from robustune.config import ConfigError
+from robustune.resolve import load_config
 from robustune.defense import Cost, DefenseContext, create_defense
 from robustune.models import create_model
-from robustune.training import TrainingLoop
+from robustune.loop import TrainingLoop
 from helpers import sgd_update, snapshot
 
 EPS = 0.1

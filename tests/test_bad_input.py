@@ -23,11 +23,12 @@ from mlflow.tracking import MlflowClient
 
 from robustune import cli
 from robustune.checkpoints import save_checkpoint
-from robustune.config import ConfigError, load_config
+from robustune.config import ConfigError
+from robustune.resolve import load_config
 from robustune.data import dataset_info
 from robustune.defense import create_defense, defense_class, list_defenses
 from robustune.models import create_model
-from robustune.training import ALLOW_PENDING_ENV, check_cluster_fits
+from robustune.cluster import ALLOW_PENDING_ENV, check_cluster_fits
 
 SYNTHETIC = ["--set", "data.name=synthetic"]
 

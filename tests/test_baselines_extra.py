@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustune.attacks import clamp_to_ball, fgsm
-from robustune.config import ConfigError, load_config
+from robustune.config import ConfigError
+from robustune.resolve import load_config
 from robustune.defense import Cost, DefenseContext, create_defense
 from robustune.methods.fgsm_ga import grad_align_regularizer
 from robustune.models import create_model
 from robustune.search_space import check_samples_resolve, load_space
-from robustune.training import TrainingLoop
+from robustune.loop import TrainingLoop
 
 EPS = 0.1
 LOOP_OVERRIDES = ["data.name=synthetic", "data.val_size=500", "validation.examples=100", "train.batch_size=64",

@@ -69,6 +69,44 @@ def test_benchmarks_refuse_bad_input_before_work(tmp_path):
         assert result.returncode == 2 and "no CUDA device" in result.stderr
 
 
+def test_startup_refuses_bad_input_before_work(tmp_path):
+    result = bench("startup.py", "--trials", "0", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and "--trials must be >= 1, got 0" in result.stderr
+    result = bench("startup.py", "--trials", "2", "--concurrent", "2", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and "must exceed --concurrent" in result.stderr
+    result = bench("startup.py", "--defense", "fgsm_rss", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and "unknown defense fgsm_rss" in result.stderr
+    result = bench("startup.py", "--set", "data.data_dir=" + str(tmp_path / "nowhere"), cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and "nowhere" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing ran: no MLflow store, no run folder
+
+
+@pytest.mark.slow
+def test_startup_prints_every_row_with_a_number(tmp_path):
+    out = tmp_path / "startup.md"
+    result = bench("startup.py", "--quick", "--markdown", str(out), cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = table_rows(out.read_text())
+    expected = [("in-process path, trials after each slot's first one", "<= 1 s (median)"),
+                ("in-process path, first trial of each slot: trial start", ""),
+                ("in-process path, first trial of each slot: trial created by Tune", ""),
+                ("TorchTrainer path (2 workers), trials after the first", ""),
+                ("TorchTrainer path (2 workers), first trial", ""),
+                ("`robustune search fgsm_rs --samples 2 --epochs 1` on 1000 images", "<= 10%"),
+                ("`robustune train fgsm_rs`, 1 epoch of 500 images", ""),
+                ("the same run: inside its epoch", ""),
+                ("the same run: fixed cost of a single run", "")]
+    assert len(rows) == len(expected), rows
+    for row, (what, target) in zip(rows, expected):
+        assert len(row) == 4 and row[0].startswith(what) and row[2] == target, row
+        assert re.match(r"^-?[0-9]+\.[0-9]+( s|%)", row[1]), row  # a number in every row
+        assert row[3] in (("yes", "no") if target else ("",)), row
+    # Everything ran in a temporary folder that is gone now; nothing landed in the working directory.
+    workdir = re.search(r"sqlite:///(\S+)/mlflow\.db", result.stdout).group(1)
+    assert not Path(workdir).exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["startup.md"]
+
+
 @pytest.mark.slow
 def test_overhead_and_scaling_scripts_print_their_tables(tmp_path):
     small = ["--set", "data.name=synthetic", "--set", "data.val_size=200", "--set", "validation.examples=100"]

@@ -1,18 +1,21 @@
 """EAE's gamma calibration (the paper's 'MLD of seed examples' rule) and its `calibrate-eae` command."""
 
-import argparse
+import ast
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 
-from robustune import calibrate
-from robustune.calibrate import add_parser, calibrate_eae, command, format_calibration, logit_difference, summarize
+from robustune import cli, defense
 from robustune.checkpoints import save_checkpoint
-from robustune.config import load_config
+from robustune.resolve import load_config
 from robustune.data import load_dataset
+from robustune.methods import eae
+from robustune.methods.eae import calibrate_command as command
+from robustune.methods.eae import calibrate_eae, format_calibration, logit_difference, summarize
 from robustune.models import create_model
 
 OVERRIDES = ["data.name=synthetic", "data.val_size=500", "data.train_subset=640"]
@@ -42,9 +45,35 @@ def trained():
 
 
 def parse(*argv):
-    parser = argparse.ArgumentParser(prog="robustune")
-    add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["calibrate-eae", *argv])
+    """The arguments as the CLI parses them: its parser registers the command EAE contributes."""
+    return cli.build_parser().parse_args(["calibrate-eae", *argv])
+
+
+def test_the_command_is_contributed_by_the_eae_defense_and_the_platform_names_no_defense(tmp_path, capsys,
+                                                                                        monkeypatch):
+    contributed = {c.name: c for c in defense.defense_commands()}
+    assert contributed["calibrate-eae"] is eae.EAE.commands[0]
+    assert contributed["calibrate-eae"].run is eae.calibrate_command
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0 and "calibrate-eae" in capsys.readouterr().out
+    # `robustune calibrate-eae` dispatches through the hook: a user error exits 2 with the command's message.
+    assert cli.main(["calibrate-eae", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "robustune calibrate-eae: error: " in capsys.readouterr().err
+    # The platform's CLI names no defense in its code; defense names appear only in help examples (strings).
+    source = Path(cli.__file__).read_text()
+    assert "calibrate" not in source
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            node.value = ""
+    assert "eae" not in ast.unparse(tree).lower()
+    # Two defenses declaring one command name: a clear error, not one silently hiding the other.
+    clash = [type(f"Clash{i}", (defense.Defense,), {"commands": (defense.DefenseCommand("x", print, print),)})
+             for i in range(2)]
+    monkeypatch.setattr(defense, "_REGISTRY", {"one": clash[0], "two": clash[1]})
+    with pytest.raises(ValueError, match="'x' is declared by two defenses: 'one' and 'two'"):
+        defense.defense_commands()
 
 
 def test_logit_difference_and_summary():
@@ -97,13 +126,13 @@ def test_command_prints_the_suggested_gamma_for_a_checkpoint_on_the_validation_s
     model, config, splits = trained
     path = save_checkpoint({"model": model.state_dict(), "config": config.to_dict()}, tmp_path / "final.pt")
     seen = {}
-    real = calibrate.calibrate_eae
+    real = eae.calibrate_eae
 
     def spy(model, images, labels, **kwargs):
         seen.update(images=images, labels=labels, **kwargs)
         return real(model, images, labels, **kwargs)
 
-    monkeypatch.setattr(calibrate, "calibrate_eae", spy)
+    monkeypatch.setattr(eae, "calibrate_eae", spy)
     assert command(parse("--checkpoint", str(path), "--examples", "300", "--epsilon", "8/255")) == 0
     out = capsys.readouterr().out
     assert seen["epsilon"] == pytest.approx(8 / 255)

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from robustune.config import ConfigError, flatten, load_config, parse_override, raw_config, resolve_config
+from robustune.config import ConfigError, flatten, parse_override, raw_config
+from robustune.resolve import load_config, resolve_config
 
 
 def test_defaults_resolve_dataset_dependent_values():

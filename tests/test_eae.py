@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustune.config import ConfigError, load_config
+from robustune.config import ConfigError
+from robustune.resolve import load_config
 from robustune.defense import Cost, DefenseContext, create_defense
 from robustune.methods.eae import endogenous_logits
 from robustune.models import create_model
@@ -177,7 +178,7 @@ def test_gradient_reaches_every_model_parameter_and_uses_no_input_gradient(monke
 
 
 def test_runs_in_the_training_loop_and_its_state_survives_a_checkpoint(tmp_path):
-    from robustune.training import TrainingLoop
+    from robustune.loop import TrainingLoop
 
     loop = TrainingLoop(load_config("eae", overrides=LOOP_OVERRIDES), log=lambda _: None)
     metrics = loop.run_epoch()

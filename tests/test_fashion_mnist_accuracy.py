@@ -7,7 +7,7 @@ PGD-20 accuracy at least 30 points above standard training's.
 import pytest
 import ray
 
-from robustune.config import load_config
+from robustune.resolve import load_config
 from robustune.training import run_training
 
 from conftest import fashion_mnist_dir

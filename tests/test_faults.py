@@ -28,10 +28,13 @@ from mlflow.tracking import MlflowClient
 from robustune import cli, tracking
 from robustune.checkpoints import (CheckpointError, CheckpointWriteError, latest_checkpoint, load_checkpoint,
                                    save_checkpoint)
-from robustune.config import load_config
+from robustune.resolve import load_config
 from robustune.data import dataset_info
 from robustune.models import create_model
-from robustune.training import TrainingError, TrainingLoop, open_run, run_training, worker_threads
+from robustune.cluster import worker_threads
+from robustune.loop import TrainingLoop
+from robustune.run import Run
+from robustune.training import TrainingError, run_training
 
 from helpers import free_port, start_mlflow_server, stop_group
 
@@ -123,14 +126,18 @@ def model_state() -> dict:
 
 # ================================================================== 1. a Ray Train worker killed mid-epoch
 @pytest.mark.faults
-def test_worker_killed_mid_epoch_is_restarted_from_its_checkpoint(tmp_path, mlflow_uri):
-    """SIGKILL the Ray Train worker process during epoch 3 (epochs 1-2 checkpointed and logged): with
-    resources.max_failures=1 Ray Train restarts the worker group from epoch 2's checkpoint; the run finishes
-    in the same MLflow run, every epoch logged once, with the numbers of an uninterrupted run."""
+@pytest.mark.parametrize("workers, process_name", [(1, "ray::run_one_worker"), (2, "RayTrainWorker")],
+                         ids=["in-process-task", "torch-trainer"])
+def test_worker_killed_mid_epoch_is_restarted_from_its_checkpoint(tmp_path, mlflow_uri, workers, process_name):
+    """SIGKILL the process that trains during epoch 3 (epochs 1-2 checkpointed and logged): with
+    resources.max_failures=1 the run restarts from epoch 2's checkpoint (one worker: Ray retries the run's task;
+    two workers: Ray Train restarts the worker group); it finishes in the same MLflow run, every epoch logged
+    once, and (one worker) with the numbers of an uninterrupted run."""
     run_dir = tmp_path / "runs" / "killworker"
     # Batches of 32: about 80 steps, so an epoch lasts a few seconds even on a fast machine.
     process = robustune_cli("train", "fgsm_rs", *[f"--set={o}" for o in SMALL], "--set=train.batch_size=32",
                             "--set=train.epochs=3", "--set=resources.max_failures=1",
+                            f"--set=resources.num_workers={workers}", "--set=resources.cpus_per_worker=1",
                             f"--set=tracking.tracking_uri={mlflow_uri}",
                             "--set=tracking.run_name=killworker", cwd=tmp_path)
     try:
@@ -147,11 +154,11 @@ def test_worker_killed_mid_epoch_is_restarted_from_its_checkpoint(tmp_path, mlfl
         # Epoch 3 started when epoch 2 was logged: kill the worker half-way through it.
         epoch_seconds = client.get_metric_history(run_id, "time/epoch_s")[-1].value
         time.sleep(max(0.3, epoch_seconds / 2))
-        workers = [pid for pid in descendants(process.pid) if "RayTrainWorker" in command_line(pid)]
-        assert len(workers) == 1, [command_line(pid) for pid in descendants(process.pid)]
+        trainers = [pid for pid in descendants(process.pid) if process_name in command_line(pid)]
+        assert len(trainers) == workers, [command_line(pid) for pid in descendants(process.pid)]
         assert 3 not in steps_of(client, run_id, "val/pgd_acc") and not (run_dir / "epoch_003").exists(), \
             "the kill would not land mid-epoch 3 (the epochs are too fast on this machine)"
-        os.kill(workers[0], signal.SIGKILL)
+        os.kill(trainers[-1], signal.SIGKILL)
         output, _ = process.communicate(timeout=240)
     finally:
         stop_group(process)
@@ -164,9 +171,11 @@ def test_worker_killed_mid_epoch_is_restarted_from_its_checkpoint(tmp_path, mlfl
     assert client.get_run(run_id).info.status == "FINISHED"
     for key in EPOCH_METRICS:
         assert steps_of(client, run_id, key) == [1, 2, 3], key
+    if workers > 1:
+        return  # two shards of the data: no single-process reference to compare with
 
     # The same config and seed without Ray and without interruption, on the worker's thread count.
-    config, _, _ = open_run(run_dir)
+    config = Run.open(run_dir).config
     torch.set_num_threads(worker_threads(config))
     loop = TrainingLoop(config, log=lambda _: None)
     reference = [loop.run_epoch() for _ in range(3)]
@@ -185,7 +194,7 @@ def test_a_restarted_worker_resumes_from_the_newest_checkpoint_on_disk(tmp_path)
     folder cut short by a kill during the copy is skipped with a warning."""
     from ray.train import Checkpoint
 
-    from robustune.training import newest_state
+    from robustune.worker import newest_state
 
     run_dir = tmp_path / "run"
     for epoch in (1, 2, 3):

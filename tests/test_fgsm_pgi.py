@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustune.attacks import clamp_to_ball
-from robustune.config import ConfigError, load_config
+from robustune.config import ConfigError
+from robustune.resolve import load_config
 from robustune.defense import Cost, DefenseContext, create_defense
 from robustune.models import create_model
 from robustune.search_space import check_samples_resolve, load_space
-from robustune.training import TrainingLoop
+from robustune.loop import TrainingLoop
 
 EPS = 0.1
 N = 48  # training examples in the synthetic buffers

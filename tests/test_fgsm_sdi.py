@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from robustune.attacks import input_gradient
-from robustune.config import ConfigError, load_config
+from robustune.config import ConfigError
+from robustune.resolve import load_config
 from robustune.defense import Cost, DefenseContext, create_defense
 from robustune.methods.fgsm_sdi import smoothed_cross_entropy
 from robustune.models import create_model
-from robustune.training import TrainingLoop
+from robustune.loop import TrainingLoop
 from helpers import sgd_update, snapshot
 
 EPS = 0.1

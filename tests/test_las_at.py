@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustune.config import ConfigError, load_config
+from robustune.config import ConfigError
+from robustune.resolve import load_config
 from robustune.defense import Cost, DefenseContext, create_defense
 from robustune.models import create_model
-from robustune.training import TrainingLoop
+from robustune.loop import TrainingLoop
 from robustune.methods.las_at import smoothed_cross_entropy, strategy_pgd
 from helpers import sgd_update, snapshot
 

@@ -12,7 +12,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from robustune.config import load_config
+from robustune.resolve import load_config
 from robustune.training import run_training
 
 from conftest import fashion_mnist_dir
@@ -69,6 +69,21 @@ def test_two_workers_log_one_run(local_ray, tmp_path, mlflow_uri):
     assert [r.info.run_id for r in runs] == [outcome.run_id]
     assert steps_of(client, outcome.run_id, "val/pgd_acc") == [1]
     assert outcome.report["clean_acc"] > 0.5
+    # Two workers go through Ray Train's TorchTrainer (data-parallel); one worker runs in its Ray process.
+    assert runs[0].data.tags["execution"] == "torch_trainer (2 workers)"
+    assert runs[0].info.status == "FINISHED"
+
+
+def test_one_worker_runs_in_its_ray_process_without_torch_trainer(local_ray, tmp_path, mlflow_uri):
+    config = small_config(tmp_path, mlflow_uri, "fgsm_rs", "train.epochs=2", "eval.enabled=false")
+    outcome = run_training(config, log=lambda _: None)
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.data.tags["execution"] == "in_process (1 worker)" and run.info.status == "FINISHED"
+    assert steps_of(client, outcome.run_id, "val/pgd_acc") == [1, 2]
+    # Its checkpoints are written straight into the run folder (the two newest), final.pt and report last.
+    assert sorted(p.name for p in outcome.run_dir.glob("epoch_*")) == ["epoch_001", "epoch_002"]
+    assert (outcome.run_dir / "final.pt").is_file() and outcome.report["epochs_run"] == 2
 
 
 def test_nan_loss_fails_the_run_cleanly(local_ray, tmp_path, mlflow_uri):

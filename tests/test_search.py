@@ -16,6 +16,8 @@ from robustune.config import ConfigError
 from robustune.defense import list_defenses
 from robustune.search_space import default_space_path, load_space, parse_space
 
+from helpers import assert_trials_tracked_as_they_ended
+
 BASE = ["--set=data.name=synthetic", "--set=data.val_size=500", "--set=validation.examples=100",
         "--set=train.batch_size=64"]
 
@@ -53,7 +55,7 @@ def test_space_file_errors(tmp_path):
 def test_every_defense_ships_a_valid_space_holding_its_defaults(defense):
     """Every range end makes a valid run, and the defaults lie inside the space, so a search evaluates them
     first and can say whether it beat them."""
-    from robustune.config import load_config
+    from robustune.resolve import load_config
     from robustune.search import default_point
     from robustune.search_space import check_samples_resolve
 
@@ -65,7 +67,7 @@ def test_every_defense_ships_a_valid_space_holding_its_defaults(defense):
 
 
 def test_space_values_that_make_invalid_runs_are_refused():
-    from robustune.config import load_config
+    from robustune.resolve import load_config
     from robustune.search_space import check_samples_resolve
 
     space = parse_space({"method.alpha_ratio": {"type": "uniform", "low": -1.0, "high": 1.0}}, "x.yaml", "fgsm_rs")
@@ -115,9 +117,34 @@ def test_four_trial_search_with_a_failing_trial(tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.tags["best_trial_id"]
     assert parent.data.params["search.samples"] == "4"
     assert "[search]" in output and "best:" in output
+    assert_trials_tracked_as_they_ended(client, rows)
     # Trials never touch the test split.
     for run in runs:
         assert not any(key.startswith("test/") for key in run.data.metrics)
+
+
+def test_trials_that_asha_stops_end_killed_with_every_epoch_they_reported(tmp_path):
+    """One at a time: the defaults (lr 0.05) learn, lr 1e-7 does not, so ASHA stops the 1e-7 trials at their
+    first rung. Every trial's MLflow run ends as it ended, with every epoch it reported: Tune ends a trial right
+    after a report, so each epoch is logged and checkpointed before it is reported."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.lr": {"type": "choice", "values": [0.05, 1.0e-7]}}))
+    process = search_cli("fgsm_rs", "--space", str(space), "--samples", "4", "--epochs", "3", "--searcher",
+                         "random", "--seed", "1", "--max-concurrent", "1", *BASE, cwd=tmp_path)
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output[-3000:]
+    [search_dir] = list((tmp_path / "runs").glob("search-fgsm_rs-*"))
+    rows = pq.read_table(search_dir / "results.parquet").to_pylist()
+    assert len(rows) == 4
+    stopped = [r for r in rows if r["status"] == "asha_stopped"]
+    assert stopped and all(r["param.train.lr"] == 1.0e-7 and r["epochs_run"] < 3 for r in stopped), rows
+    assert any(r["status"] == "completed" and r["epochs_run"] == 3 for r in rows)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert_trials_tracked_as_they_ended(client, rows)
+    parent = json.loads((search_dir / "search.json").read_text())["parent_run_id"]
+    assert not [r.info.run_id for r in children(client, parent) if r.info.status == "RUNNING"]
+    # The trials ran in their reused trial processes, not in nested TorchTrainers.
+    assert {client.get_run(r["run_id"]).data.tags["execution"] for r in rows} == {"in_process (1 worker)"}
 
 
 def test_compute_budget_stops_a_trial_before_its_next_epoch_would_overrun():
@@ -180,6 +207,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
             if len(finished) == 2:
                 break
         assert time.time() < deadline, "two trials never finished"
+    time.sleep(1.5)  # Tune saves its experiment state once a second: the kill lands after it knows both finished
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     [search_dir] = list((tmp_path / "runs").glob("search-fgsm_rs-*"))
@@ -193,7 +221,16 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     assert resumed.returncode == 0, output[-3000:]
     rows = pq.read_table(search_dir / "results.parquet").to_pylist()
     assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
-    after = {r.data.tags["search_trial_id"]: r.info.run_id for r in children(client, state["parent_run_id"])}
+    runs = children(client, state["parent_run_id"])
+    # A trial started (or finished) just before the kill, after Tune last saved its state, is not part of the
+    # resumed search (Tune starts another in its place): its run must not stay RUNNING either.
+    orphans = [r for r in runs if r.data.tags["search_trial_id"] not in {row["trial_id"] for row in rows}]
+    assert len(orphans) <= 1
+    for orphan in orphans:
+        assert orphan.info.status == "FINISHED" or (orphan.info.status == "KILLED"
+                                                     and orphan.data.tags["stop_reason"] == "interrupted"), orphan
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    after = {r.data.tags["search_trial_id"]: r.info.run_id for r in runs if r not in orphans}
     assert len(after) == 4
     for trial in finished:  # finished trials were not retrained: same MLflow run, each epoch logged once
         assert after[trial] == before[trial]

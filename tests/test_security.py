@@ -282,7 +282,7 @@ def test_repository_holds_no_credentials():
 # --------------------------------------------------------------------------------- 3. localhost by default
 PROBE = r"""
 import http.client, ipaddress, json, os, sys, time
-from robustune.training import ensure_ray
+from robustune.cluster import ensure_ray
 ensure_ray()
 import ray
 info = ray._private.worker.global_worker.node.address_info
@@ -360,22 +360,29 @@ ray.shutdown()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads listening sockets from /proc")
-def test_local_ray_dashboard_is_loopback_only_and_other_listeners_need_the_token(tmp_path):
-    """ensure_ray() on a machine without a cluster: the dashboard (Ray's job-submission API) listens on
-    127.0.0.1 only. Ray's gRPC servers and agents listen on all interfaces by Ray's design (other nodes must
-    reach them); each of those answers an unauthenticated HTTP request with 401/403 (token authentication),
-    speaks no plain HTTP (gRPC, token-checked: see the head test below), or serves read-only Prometheus metrics."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *RAY_AUTH_VARS)}
+@pytest.mark.parametrize("dashboard_asked", [False, True], ids=["default", "RAY_INCLUDE_DASHBOARD=1"])
+def test_local_ray_dashboard_is_loopback_only_and_other_listeners_need_the_token(tmp_path, dashboard_asked):
+    """ensure_ray() on a machine without a cluster starts no dashboard (Ray's job-submission API) unless asked
+    (RAY_INCLUDE_DASHBOARD=1), and then it listens on 127.0.0.1 only. Ray's gRPC servers and agents listen on
+    all interfaces by Ray's design (other nodes must reach them); each of those answers an unauthenticated
+    HTTP request with 401/403 (token authentication), speaks no plain HTTP (gRPC, token-checked: see the head
+    test below), or serves read-only Prometheus metrics."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_INCLUDE_DASHBOARD", *RAY_AUTH_VARS)}
+    if dashboard_asked:
+        env["RAY_INCLUDE_DASHBOARD"] = "1"
     result = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, env=env, text=True, capture_output=True,
                             timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     [line] = [line for line in result.stdout.splitlines() if line.startswith("PROBE")]
     report = json.loads(line[len("PROBE"):])
     assert report["auth_mode"] == "token"  # Ray >= 2.59 turns token auth on for a local ray.init() cluster
-    host, port = report["webui_url"].rsplit(":", 1)
-    assert host == "127.0.0.1"
-    dashboard = [entry for entry in report["listeners"] if entry["port"] == int(port)]
-    assert dashboard and all(entry["ip"] == "127.0.0.1" for entry in dashboard), dashboard
+    if not dashboard_asked:
+        assert not report["webui_url"], report["webui_url"]
+    else:
+        host, port = report["webui_url"].rsplit(":", 1)
+        assert host == "127.0.0.1"
+        dashboard = [entry for entry in report["listeners"] if entry["port"] == int(port)]
+        assert dashboard and all(entry["ip"] == "127.0.0.1" for entry in dashboard), dashboard
     open_http = []
     for entry in report["listeners"]:
         outcome = entry.get("probe")

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from robustune.attacks import clamp_to_ball
-from robustune.config import ConfigError, load_config
+from robustune.config import ConfigError
+from robustune.resolve import load_config
 from robustune.defense import Cost, DefenseContext, create_defense
 from robustune.models import create_model
 
@@ -199,7 +200,7 @@ def test_unknown_stages_fail_at_setup_naming_the_valid_ones():
 
 
 def test_runs_in_the_training_loop_and_its_state_survives_a_checkpoint(tmp_path):
-    from robustune.training import TrainingLoop
+    from robustune.loop import TrainingLoop
 
     loop = TrainingLoop(load_config("slat", overrides=LOOP_OVERRIDES), log=lambda _: None)
     metrics = loop.run_epoch()

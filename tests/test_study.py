@@ -142,6 +142,39 @@ def test_tiny_study_lands_in_mlflow_under_one_parent_run(tiny_study):
         assert run.data.tags["eval/protocol"] == "quick/1"
 
 
+def test_every_mlflow_run_of_the_study_ended_as_it_ended(tiny_study):
+    """No run is left RUNNING: final runs FINISHED, search trials FINISHED / KILLED with their stop reason
+    (ASHA or the compute budget) / FAILED, each with every epoch it reported."""
+    from mlflow import MlflowClient
+
+    from helpers import assert_trials_tracked_as_they_ended
+
+    client = MlflowClient(tiny_study["uri"])
+    state = json.loads((tiny_study["dir"] / "study.json").read_text())
+    experiment = client.get_run(state["parent_run_id"]).info.experiment_id
+    runs = client.search_runs([experiment])
+    assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    for search in state["searches"].values():
+        rows = pq.read_table(Path(search["search_dir"]) / "results.parquet").to_pylist()
+        assert rows
+        assert_trials_tracked_as_they_ended(client, rows)
+    for record in state["runs"].values():
+        run = client.get_run(record["run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["execution"] == "in_process (1 worker)"
+
+
+def test_study_prints_and_records_its_utilization(tiny_study):
+    from mlflow import MlflowClient
+
+    state = json.loads((tiny_study["dir"] / "study.json").read_text())
+    [line] = [line for line in tiny_study["lines"] if line.strip().startswith("utilization ")]
+    assert "busy worker-seconds" in line and f"x {state['slots']} slot(s)" in line
+    metrics = MlflowClient(tiny_study["uri"]).get_run(state["parent_run_id"]).data.metrics
+    assert 0 < metrics["study/utilization"] <= 1.0
+    assert metrics["study/wall_s"] == pytest.approx(state["wall_s"])
+    assert metrics["study/busy_worker_s"] <= state["wall_s"] * state["slots"]
+
+
 def test_search_is_capped_by_the_featured_defense_training_compute(tiny_study):
     state = json.loads((tiny_study["dir"] / "study.json").read_text())
     runs = [r for r in state["runs"].values() if r["label"] == "fgsm_rs"]
@@ -263,10 +296,14 @@ def test_ray_job_submit_runs_a_study_and_its_runs_reach_mlflow(ray_head, tmp_pat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**ray_head["env"], "RAY_ADDRESS": ray_head["address"]}
     runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}})
-    submit = subprocess.run(
-        [str(ray_head["bin"] / "ray"), "job", "submit", "--working-dir", str(REPO), "--runtime-env-json",
-         runtime_env, "--", "robustune", "study", str(study), "--set", f"tracking.output_dir={tmp_path / 'runs'}"],
-        env=env, capture_output=True, text=True, timeout=540)
+    for attempt in range(6):  # a head just started may not have its job agent up yet: Ray says to try again
+        submit = subprocess.run(
+            [str(ray_head["bin"] / "ray"), "job", "submit", "--working-dir", str(REPO), "--runtime-env-json",
+             runtime_env, "--", "robustune", "study", str(study), "--set", f"tracking.output_dir={tmp_path / 'runs'}"],
+            env=env, capture_output=True, text=True, timeout=540)
+        if "No available agent to submit job" not in submit.stderr:
+            break
+        time.sleep(5)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout and "# Leaderboard: tiny" in submit.stdout
     client = MlflowClient(uri)

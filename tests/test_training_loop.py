@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from robustune.config import TrainConfig, load_config
+from robustune.config import TrainConfig
+from robustune.resolve import load_config
 from robustune.defense import StepResult
-from robustune.training import NonFiniteLossError, TrainingLoop, learning_rate
+from robustune.loop import NonFiniteLossError, TrainingLoop, learning_rate
 
 SYNTHETIC = ["data.name=synthetic", "data.val_size=500", "validation.examples=200", "train.batch_size=64"]
 
@@ -60,8 +61,8 @@ def test_overfit_alarm_and_early_stop_keep_best_weights():
     loop.run_epoch()
     best = {k: v.clone() for k, v in loop.model.state_dict().items()}
     # Simulate a collapse: the validation PGD accuracy falls far below its best.
-    loop.best_alarm_metric = 1.0
-    loop.best_weights = best
+    loop.selection.best_alarm_metric = 1.0
+    loop.selection.best_weights = best
     metrics = loop.run_epoch()
     assert metrics["alarm/overfit"] == 1.0 and loop.stop_reason == "overfit" and loop.finished
     assert all(torch.equal(best[k], v) for k, v in loop.final_weights().items())

@@ -104,10 +104,3 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, epsilon: float | Tensor, *, alph
             best_loss = torch.where(take, loss_now, best_loss)
             fooled |= fooled_now
     return best.detach()
-
-
-@torch.no_grad()
-def accuracy_counts(model: nn.Module, x: Tensor, y: Tensor) -> int:
-    """Number of correctly classified examples."""
-    return int((model(x).argmax(1) == y).sum())
-

@@ -103,11 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--resume", metavar="STUDY_DIR", help="continue an interrupted study")
     study.add_argument("--check", action="store_true", help="validate the definition and exit")
 
-    from robustune import calibrate, evaluate_run, leaderboard
+    from robustune import evaluate_run, leaderboard
+    from robustune.defense import defense_commands
 
     evaluate_run.add_parser(commands)
     leaderboard.add_parser(commands)
-    calibrate.add_parser(commands)
+    for contributed in defense_commands():  # subcommands a defense declares in its own file
+        contributed.add_parser(commands)
     from robustune import sync
 
     sync.add_parser(commands)
@@ -134,7 +136,7 @@ def command_methods() -> int:
 
 def command_train(args: argparse.Namespace) -> int:
     from robustune import tracking
-    from robustune.config import load_config
+    from robustune.resolve import load_config
     from robustune.training import run_training
 
     if args.resume:
@@ -230,10 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             from robustune import sync
 
             return sync.command(args)
-        if args.command == "calibrate-eae":
-            from robustune import calibrate
+        from robustune.defense import defense_commands
 
-            return calibrate.command(args)
+        for contributed in defense_commands():
+            if args.command == contributed.name:
+                return contributed.run(args)
     except (ConfigError, DataError, ModelError, CheckpointError, TrainingError) as error:
         print(f"robustune {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
 """Run configuration: typed sections, YAML + `--set a.b=c` overrides, validated once with errors naming the key.
 
-A configuration is plain data. `resolve_config` turns a nested dict (from YAML files and overrides) into a
-`Config` of dataclasses, coercing and checking every value; anything wrong raises `ConfigError` naming the
-dotted key, before any data is loaded or any Ray worker starts. The `method` and `model` sections carry the
-chosen name plus free keys that the defense (a dataclass in methods/) or the model factory validates.
+A configuration is plain data: this module is its schema (typed sections, coercion, YAML files, overrides)
+and imports nothing else of robustune. `robustune.resolve.resolve_config` turns a nested dict into a `Config`,
+checking every value, the defense's fields and the dataset and model names; anything wrong raises
+`ConfigError` naming the dotted key, before any data is loaded or any Ray worker starts. The `method` and
+`model` sections carry the chosen name plus free keys that the defense (a dataclass in methods/) or the model
+registry validates.
 """
 
 from __future__ import annotations
@@ -342,53 +344,6 @@ def raw_config(method: str | None = None, config_files: list[str] | None = None,
     if method is not None:
         data = apply_override(data, ["method", "name"], method)
     return data
-
-
-def resolve_config(data: dict[str, Any]) -> Config:
-    """Validate a nested dict into a Config: types, ranges, the defense's own fields, dataset and model names.
-
-    Fills the dataset-dependent defaults (epsilon, model) so the resolved config reproduces the run alone.
-    """
-    from robustune.data import DataError, dataset_info
-    from robustune.defense import create_defense
-    from robustune.models import ModelError, create_model, default_model_for
-
-    data = dict(data)
-    for section, default in (("method", {"name": "fgsm_rs"}), ("model", {"name": "auto"})):
-        value = data.get(section, default)
-        if isinstance(value, str):  # `method: pgd` is short for `method: {name: pgd}`
-            value = {"name": value}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{section}: expected a name or a mapping with 'name', got {value!r}")
-        data[section] = merge(default, value)
-    config = build_dataclass(Config, data, "")
-
-    try:
-        info = dataset_info(config.data.name)
-    except DataError as error:
-        raise ConfigError(f"data.name: {error}") from error
-    if config.epsilon is None:
-        config.epsilon = info.default_epsilon
-    if not 0.0 <= config.epsilon <= 1.0:
-        raise ConfigError(f"epsilon must be in [0, 1] (inputs live in [0, 1]), got {config.epsilon}")
-
-    # The defense validates its own fields; store them back resolved (defaults filled) for reproducibility.
-    defense = create_defense(config.method_name, config.method_params)
-    config.method = {"name": config.method_name, **dataclasses.asdict(defense)}
-
-    if config.model_name == "auto":
-        config.model["name"] = default_model_for(info.input_shape)
-    try:  # building it once on CPU checks the name, the kwargs and the input shape before any work
-        create_model(config.model_name, num_classes=info.num_classes, input_shape=info.input_shape,
-                     mean=info.mean, std=info.std, **config.model_kwargs)
-    except ModelError as error:
-        raise ConfigError(f"model: {error}") from error
-    return config
-
-
-def load_config(method: str | None = None, config_files: list[str] | None = None,
-                overrides: list[str] | None = None) -> Config:
-    return resolve_config(raw_config(method, config_files, overrides))
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -7,6 +7,7 @@ order and the per-example indices (`idx`) depend only on (seed, epoch, rank, wor
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib
 import math
@@ -540,6 +541,16 @@ def _split(
     return DataSplits(info=info, train=train, val=val, test=test)
 
 
+@functools.lru_cache(maxsize=4)
+def _read_files(name: str, folder: Path) -> tuple[ArrayDataset, ArrayDataset]:
+    """The decoded training and test files, once per process: a reused Ray process (a Tune trial actor that
+    runs trial after trial) decodes the gz IDX files once, not for every run. Splits index into copies."""
+    info = dataset_info(name)
+    if name in _CIFAR_FOLDERS:
+        return _load_cifar(folder, info)
+    return _load_idx_pair(folder, "train", info), _load_idx_pair(folder, "t10k", info)
+
+
 def load_dataset(
     name: str,
     *,
@@ -568,11 +579,7 @@ def load_dataset(
             folder = _download(name, data_dir) if download else resolve_data_dir(name, data_dir)
         else:
             folder = found
-        if name in _CIFAR_FOLDERS:
-            train_full, test_full = _load_cifar(folder, info)
-        else:
-            train_full = _load_idx_pair(folder, "train", info)
-            test_full = _load_idx_pair(folder, "t10k", info)
+        train_full, test_full = _read_files(name, folder.resolve())
     return _split(
         info,
         train_full,

@@ -6,10 +6,12 @@ defense owns only its perturbation, its loss and any auxiliary nets, optimizers 
 sees the loop through hooks: `setup`, `loss` (or `train_step` when it needs several optimizer steps per
 batch), `on_epoch_end` and `state_dict`/`load_state_dict` (so a checkpoint restores it). It declares its
 cost in forward/backward passes of the target model so benchmarks compare measured time with that floor.
+A defense may also contribute `robustune` subcommands of its own (`commands`, see `DefenseCommand`).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
@@ -82,11 +84,23 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)  # extra per-batch numbers, averaged per epoch
 
 
+@dataclass(frozen=True)
+class DefenseCommand:
+    """A `robustune <name>` subcommand that belongs to one defense (EAE's gamma calibration, say). The defense
+    declares it in its own file (`Defense.commands`) and the CLI registers whatever `defense_commands()`
+    lists, so the platform never names a defense and a defense's tool lives next to the defense."""
+
+    name: str
+    add_parser: Callable[[Any], Any]  # registers the subparser `name` on an argparse subparsers object
+    run: Callable[[argparse.Namespace], int]  # runs it on the parsed arguments; returns the exit status
+
+
 class Defense:
     """Base class. Subclasses are dataclasses registered with @register_defense(name)."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for `robustune methods`
+    commands: ClassVar[tuple[DefenseCommand, ...]] = ()  # CLI subcommands the defense contributes
 
     def cost(self) -> Cost:
         raise NotImplementedError
@@ -163,6 +177,19 @@ def defense_class(name: str) -> type[Defense]:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))} "
                           "(`robustune methods` describes them)")
     return _REGISTRY[name]
+
+
+def defense_commands() -> list[DefenseCommand]:
+    """Every registered defense's CLI commands, sorted by name. Two different commands with one name are an
+    error (ValueError naming both defenses) rather than one silently hiding the other."""
+    owners: dict[str, tuple[DefenseCommand, str]] = {}
+    for defense in list_defenses():
+        for command in _REGISTRY[defense].commands:
+            if command.name in owners and owners[command.name][0] is not command:
+                raise ValueError(f"CLI command {command.name!r} is declared by two defenses: "
+                                 f"{owners[command.name][1]!r} and {defense!r}")
+            owners.setdefault(command.name, (command, defense))
+    return [owners[name][0] for name in sorted(owners)]
 
 
 def create_defense(name: str, params: dict[str, Any] | None = None) -> Defense:

@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 from robustune.config import ConfigError, EvalConfig, build_dataclass
 
-FINAL_MODEL_FILE = "final.pt"
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -35,6 +34,7 @@ class Source:
 def locate(source: str, tracking_uri: str | None = None) -> Source:
     """Where the checkpoint is, and which MLflow run (if any) it belongs to."""
     from robustune import tracking
+    from robustune.run import FINAL_MODEL_FILE, RUN_FILE
 
     path = Path(source)
     if path.is_dir():
@@ -42,7 +42,7 @@ def locate(source: str, tracking_uri: str | None = None) -> Source:
         if not checkpoint.is_file():
             raise ConfigError(f"{path} holds no {FINAL_MODEL_FILE}: pass a finished run folder, a final.pt file "
                               "or an MLflow run id")
-        run_file = path / "run.json"
+        run_file = path / RUN_FILE
         run = json.loads(run_file.read_text()) if run_file.is_file() else {}
         return Source(checkpoint, path, run.get("run_id"), run.get("tracking_uri"))
     if path.is_file():
@@ -73,32 +73,19 @@ def locate(source: str, tracking_uri: str | None = None) -> Source:
 def evaluate_run(source: str, eval_settings: dict[str, Any], *, tracking_uri: str | None = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate a saved model by the protocol in `eval_settings` (EvalConfig fields); log it to its MLflow run."""
-    import torch
-
     from robustune import tracking
-    from robustune.checkpoints import load_checkpoint
-    from robustune.config import resolve_config
-    from robustune.evaluation import format_report
-    from robustune.training import TrainingLoop, evaluate_deployed
+    from robustune.evaluation import evaluate_deployed, format_report
+    from robustune.run import load_trained
 
     eval_config = build_dataclass(EvalConfig, {"enabled": True, **eval_settings}, "eval")
     where = locate(source, tracking_uri)
-    state = load_checkpoint(where.checkpoint)
-    if "config" not in state or "model" not in state:
-        raise ConfigError(f"{where.checkpoint} has no saved config or model: it is not a run's final.pt")
-    config_data = dict(state["config"])
-    config_data["train"] = {**config_data["train"], "init_from": None}  # the weights come from the checkpoint
-    config = resolve_config(config_data)
-    device = torch.device("cuda" if torch.cuda.is_available() and config.resources.use_gpu else "cpu")
-    loop = TrainingLoop(config, device=device, log=lambda _: None)
-    loop.load_model_weights(state["model"], where.checkpoint)
-    if state.get("defense"):
-        loop.defense.load_state_dict(state["defense"])
+    trained = load_trained(where.checkpoint)
+    config, device = trained.config, trained.device
     protocol = eval_config.protocol
     state_dir = where.state_root / f"eval-{protocol}"
     log(f"evaluating {where.checkpoint} ({config.method_name}, {config.model_name}, eps {config.epsilon:.4g}) "
         f"with the {protocol} protocol; AutoAttack in {eval_config.workers} shard(s); state in {state_dir}")
-    report = evaluate_deployed(loop.model, loop.defense, loop.splits.test, epsilon=config.epsilon,
+    report = evaluate_deployed(trained.model, trained.defense, trained.splits.test, epsilon=config.epsilon,
                                eval_config=eval_config, device=device, seed=config.seed, state_dir=state_dir, log=log)
     report.update({"source": str(where.checkpoint), "method": config.method_name})
     (state_dir / "report.json").write_text(json.dumps(report, indent=2))

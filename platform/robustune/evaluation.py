@@ -33,6 +33,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -324,7 +325,7 @@ def _run_autoattack(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tenso
     else:
         import ray
 
-        from robustune.training import ensure_ray
+        from robustune.cluster import ensure_ray
 
         ensure_ray()
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
@@ -555,3 +556,20 @@ def format_report(report: dict) -> str:
     if report["warnings"]:
         lines.append(f"  warnings ({len(report['warnings'])}): " + "; ".join(report["warnings"]))
     return "\n".join(lines)
+
+
+def evaluate_deployed(model, defense, test, *, epsilon: float, eval_config, device, seed: int, state_dir: Path,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    """Evaluate what the defense deploys (its test-time step included); then the bare classifier if they differ."""
+    test_images = test.images.float().div(255)
+    deployed = defense.inference_model(model)
+    report = evaluate(deployed, test_images, test.labels, epsilon=epsilon, config=eval_config, device=device,
+                      seed=seed, state_dir=state_dir, log=log)
+    if deployed is not model:
+        # A test-time defense: the numbers above attacked the whole pipeline; the bare classifier's follow.
+        report["attacked_through"] = (f"{type(deployed).__name__}: the defense's test-time step is part of the "
+                                      "model every attack saw")
+        log("evaluating the bare classifier (without the test-time step)")
+        report["bare_classifier"] = evaluate(model, test_images, test.labels, epsilon=epsilon, config=eval_config,
+                                             device=device, seed=seed, state_dir=Path(state_dir) / "bare", log=log)
+    return report

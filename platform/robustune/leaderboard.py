@@ -17,6 +17,8 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
+from robustune.study_state import StudyState, find_study_dir
+
 FOLDER = "leaderboard"
 
 
@@ -26,7 +28,7 @@ def _mean_spread(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _search_compute(search_dir: Path) -> tuple[int, float]:
+def search_compute(search_dir: Path) -> tuple[int, float]:
     """Trials and worker-seconds inside their training epochs, from the search's results.parquet."""
     import pyarrow.parquet as pq
 
@@ -38,40 +40,39 @@ def _search_compute(search_dir: Path) -> tuple[int, float]:
     return len(rows), sum(float(r.get("epochs_s") or 0.0) for r in rows) * workers
 
 
-def collect_rows(study_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def collect_rows(study_dir: Path) -> tuple[list[dict[str, Any]], StudyState]:
     from robustune import tracking
-    from robustune.study import _load_state, _study_from_dict
 
-    state = _load_state(study_dir)
-    study = _study_from_dict(state["study"])
-    mlflow_client = tracking.client(state["tracking_uri"])
-    workers = state["study"]["base"].get("resources", {}).get("num_workers", 1)
+    state = StudyState.load(study_dir)
+    study = state.study
+    mlflow_client = tracking.client(state.tracking_uri)
+    workers = study.base.get("resources", {}).get("num_workers", 1)
     per_label: dict[str, dict[str, Any]] = {}
     for entry in study.entries:
-        records = [r for r in state["runs"].values() if r["label"] == entry.label]
+        records = state.runs_of(entry.label)
         metrics: dict[str, list[float]] = {k: [] for k in ("clean", "pgd", "aa", "robust", "train_s")}
         alarms, warnings, failed, protocols = 0, [], 0, set()
         for record in records:
-            if record.get("failed") or "run_id" not in record or "evaluation" not in record:
+            if record.failed or record.run_id is None or record.evaluation is None:
                 failed += 1
                 continue
-            run = mlflow_client.get_run(record["run_id"])
+            run = mlflow_client.get_run(record.run_id)
             values = run.data.metrics
             for key, name in (("clean", "test/clean_acc"), ("pgd", "test/pgd_acc"), ("aa", "test/aa_acc"),
                               ("robust", "test/robust_acc")):
                 if name in values:
                     metrics[key].append(values[name])
             metrics["train_s"].append(values.get("time/total_s", 0.0) * workers)
-            history = mlflow_client.get_metric_history(record["run_id"], "alarm/overfit")
+            history = mlflow_client.get_metric_history(record.run_id, "alarm/overfit")
             alarms += any(m.value > 0 for m in history)
             if run.data.tags.get("eval/warning"):
-                warnings.append(f"seed {record['seed']}: {run.data.tags['eval/warning']}")
+                warnings.append(f"seed {record.seed}: {run.data.tags['eval/warning']}")
             protocols.add(run.data.tags.get("eval/protocol", "?"))
-        search = state["searches"].get(entry.label)
-        trials, search_s = _search_compute(Path(search["search_dir"])) if search else (0, 0.0)
+        search = state.searches.get(entry.label)
+        trials, search_s = search_compute(Path(search.search_dir)) if search else (0, 0.0)
         row: dict[str, Any] = {
             "defense": entry.label, "method": entry.defense, "tuned": entry.tune,
-            "tuned_knobs": (", ".join(f"{k}={_short(v)}" for k, v in sorted(search["best_params"].items()))
+            "tuned_knobs": (", ".join(f"{k}={_short(v)}" for k, v in sorted(search.best_params.items()))
                             if search else "defaults"),
             "seeds": len(metrics["clean"]), "failed_runs": failed,
         }
@@ -79,7 +80,7 @@ def collect_rows(study_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_spread(metrics[key])
         row["train_s"] = _mean_spread(metrics["train_s"])[0]
         row["search_trials"], row["search_s"] = trials, search_s
-        row["search_budget_s"] = search.get("budget_s") if search else None
+        row["search_budget_s"] = search.budget_s if search else None
         row["total_s"] = search_s + sum(metrics["train_s"])
         row["overfit_alarms"] = alarms
         row["warnings"] = len(warnings)
@@ -187,11 +188,11 @@ def build(study_dir: str | Path, log: Callable[[str], None] = print) -> list[dic
 
     study_dir = Path(study_dir)
     rows, state = collect_rows(study_dir)
-    featured = state["study"].get("featured")
-    head = headline(rows, featured)
-    evaluation = state["study"]["evaluation"]
+    study = state.study
+    head = headline(rows, study.featured)
+    evaluation = study.evaluation
     protocols = sorted({r["protocol"] for r in rows if r["protocol"]})
-    notes = [f"Study `{state['instance']}` ({state['study']['source']}); seeds {state['study']['seeds']}; "
+    notes = [f"Study `{state.instance}` ({study.source}); seeds {study.seeds}; "
              f"evaluation protocol {', '.join(protocols) or evaluation.get('protocol', 'quick')} "
              f"(points {evaluation.get('points', 1000)}); mean ± sample std over seeds.",
              "Compute: worker-seconds inside training epochs (validation included). A defense warm-started from "
@@ -201,10 +202,10 @@ def build(study_dir: str | Path, log: Callable[[str], None] = print) -> list[dic
     table = pa.table({key: [r[key] for r in rows] for key in rows[0]}) if rows else pa.table({})
     pq.write_table(table, folder / "leaderboard.parquet")
     pacsv.write_csv(table, folder / "leaderboard.csv")
-    text = markdown(rows, f"Leaderboard: {state['study']['name']}", head, notes)
+    text = markdown(rows, f"Leaderboard: {study.name}", head, notes)
     (folder / "leaderboard.md").write_text(text)
-    images = plots(rows, folder, f"{state['study']['name']}: {head.split(';')[0]}")
-    uri, parent = state["tracking_uri"], state["parent_run_id"]
+    images = plots(rows, folder, f"{study.name}: {head.split(';')[0]}")
+    uri, parent = state.tracking_uri, state.parent_run_id
     for path in [folder / "leaderboard.md", folder / "leaderboard.csv", folder / "leaderboard.parquet", *images]:
         tracking.log_file(uri, parent, path, FOLDER)
     tracking.set_tag(uri, parent, "headline", head[:5000])
@@ -232,7 +233,6 @@ def add_parser(commands) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from robustune.study import find_study_dir
 
     build(find_study_dir(args.study, args.output_dir))
     return 0

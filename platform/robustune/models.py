@@ -440,6 +440,14 @@ def create_model(
     return model
 
 
+def check_model_arguments(name: str, kwargs: dict[str, object], *, num_classes: int,
+                          input_shape: tuple[int, int, int], mean: Sequence[float], std: Sequence[float]) -> None:
+    """Every problem with a model's name and arguments as ModelError, without building its weights: the
+    model is constructed on torch's meta device (shapes only, no memory, no initialization cost)."""
+    with torch.device("meta"):
+        create_model(name, num_classes=num_classes, input_shape=input_shape, mean=mean, std=std, **kwargs)
+
+
 def default_model_for(input_shape: Sequence[int]) -> str:
     """Default architecture for an input shape (C, H, W); (H, W) is accepted too."""
     if not isinstance(input_shape, Sequence) or len(input_shape) not in (2, 3):

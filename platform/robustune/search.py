@@ -1,9 +1,10 @@
 """Search: Ray Tune + Optuna (TPE, seeded) + ASHA over any defense's knobs, tracked in MLflow and Parquet.
 
-Each Tune trial is one training run of the foundation's loop (Ray Train inside the trial, its own MLflow
-child run under the search's parent run); the Train workers' per-epoch reports reach Tune through a
-report callback, so ASHA can stop a hopeless trial after any epoch. Trials validate on the held-out split
-and never evaluate on test. A search folder holds everything needed to resume it:
+Each Tune trial is one training run (`robustune.trials`: in the trial's own reused process for one worker,
+a TorchTrainer for several), its own MLflow child run under the search's parent run; every epoch is logged
+and checkpointed, then reported to Tune, so ASHA can stop a hopeless trial after any epoch without losing
+what it measured. Trials validate on the held-out split and never evaluate on test. A search folder holds
+everything needed to resume it:
 
     <output_dir>/<search name>/
         search.json        settings, base config, MLflow parent run id
@@ -27,14 +28,16 @@ from typing import Any, Callable, Literal
 import yaml
 from ray.tune import Callback, Stopper
 
-from robustune.config import ConfigError, apply_override, merge, resolve_config
+from robustune.config import ConfigError, apply_override, merge
+from robustune.resolve import resolve_config
 from robustune.search_space import Distribution, check_samples_resolve, load_space
+from robustune.run import run_id_of
+from robustune.trials import (CLEAN_METRIC, ROBUST_METRIC, TrialOutcomes, TrialPlan, TrialRun, first_error_line,
+                              trainable, tune_failures)
 
 SEARCH_FILE = "search.json"
 RESULTS_FILE = "results.parquet"
 SUMMARY_FILE = "summary.json"  # written when the search ends: best trial, its config, compute
-ROBUST_METRIC = "val/pgd_acc"
-CLEAN_METRIC = "val/clean_acc"
 Objective = Literal["robust", "pareto", "constrained"]
 
 
@@ -77,51 +80,29 @@ class SearchSettings:
             raise ConfigError(f"the search's compute budget must be > 0 worker-seconds, got {self.budget_s}")
 
 
-def objective_value(metrics: dict[str, Any], min_clean: float | None) -> float:
-    """The scalar Tune and ASHA optimize. Constrained mode: robust accuracy when validation clean accuracy
-    reaches `min_clean`, otherwise below every feasible trial (-1 + how close it came)."""
-    robust = float(metrics.get(ROBUST_METRIC, 0.0))
-    if min_clean is None:
-        return robust
-    clean = float(metrics.get(CLEAN_METRIC, 0.0))
-    return robust if clean >= min_clean else -1.0 + clean / max(min_clean, 1e-9)
+@dataclass
+class SearchPlan(TrialPlan):
+    """A search trial trains the base config with the sampled knobs in trials/trial-<id>/."""
 
+    base: dict[str, Any]
+    search_dir: str
+    parent_run_id: str
+    search_name: str
+    min_clean: float | None = None
 
-def _report_callback(min_clean: float | None):
-    """A Ray Train callback that forwards each epoch's rank-0 metrics to Tune, plus the objective."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+    def trial_run(self, params: dict[str, Any], trial_id: str) -> TrialRun:
+        trials_dir = Path(self.search_dir) / "trials"
+        run_dir = trials_dir / f"trial-{trial_id}"
+        data = self.base
+        for key, value in params.items():
+            data = apply_override(data, key.split("."), value)
+        data = merge(data, {"tracking": {"run_name": run_dir.name, "output_dir": str(trials_dir)},
+                            "eval": {"enabled": False}})
+        return TrialRun(run_dir, data, self.parent_run_id,
+                        {"search": self.search_name, "search_trial_id": trial_id})
 
-    class ObjectiveReport(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            first = dict(metrics[0])
-            first["objective"] = objective_value(first, min_clean)
-            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
-
-    return ObjectiveReport()
-
-
-def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], search_dir: str, parent_run_id: str,
-              search_name: str, min_clean: float | None) -> None:
-    """Tune's trainable: one training run for the sampled knobs (resumed in place after an interruption)."""
-    from ray import tune
-
-    from robustune.training import RUN_FILE, run_training
-
-    trial_id = tune.get_context().get_trial_id()
-    trials_dir = Path(search_dir) / "trials"
-    run_dir = trials_dir / f"trial-{trial_id}"
-    callback = _report_callback(min_clean)
-    quiet = lambda text: None  # noqa: E731 - the search prints its own progress
-    if (run_dir / RUN_FILE).is_file():
-        run_training(resume_dir=run_dir, callbacks=[callback], log=quiet)
-        return
-    data = base
-    for key, value in sampled.items():
-        data = apply_override(data, key.split("."), value)
-    data = merge(data, {"tracking": {"run_name": run_dir.name, "output_dir": str(trials_dir)},
-                        "eval": {"enabled": False}})
-    run_training(resolve_config(data), callbacks=[callback], log=quiet, parent_run_id=parent_run_id,
-                 extra_tags={"search": search_name, "search_trial_id": trial_id})
+    def run_dir(self, params: dict[str, Any], trial_id: str) -> Path:
+        return Path(self.search_dir) / "trials" / f"trial-{trial_id}"
 
 
 class ComputeBudget(Stopper):
@@ -135,12 +116,20 @@ class ComputeBudget(Stopper):
         self.budget_s, self.workers = budget_s, workers
         self.seconds: dict[str, float] = {}  # trial id -> its time/total_s so far
         self.last_epoch_s: dict[str, float] = {}  # trial id -> its last epoch's time/total_s increase
+        self.stopped: set[str] = set()  # trials this budget stopped before they finished
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         total = max(self.seconds.get(trial_id, 0.0), float(result.get("time/total_s") or 0.0))
         self.last_epoch_s[trial_id] = total - self.seconds.get(trial_id, 0.0)
         self.seconds[trial_id] = total
-        return self._overrun(self.last_epoch_s[trial_id])
+        stop = self._overrun(self.last_epoch_s[trial_id]) and not result.get("run_finished")
+        if stop:
+            self.stopped.add(trial_id)
+        return stop
+
+    def stop_reason(self, trial_id: str) -> str:
+        """Why a trial that did not finish was stopped: the budget, or else ASHA."""
+        return "budget_stopped" if trial_id in self.stopped else "asha_stopped"
 
     @property
     def spent_s(self) -> float:
@@ -202,23 +191,24 @@ def format_params(params: dict[str, Any]) -> str:
 
 def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: dict[str, Any], search_dir: Path,
                 parent_run_id: str, search_name: str, log: Callable[[str], None], restore: bool,
-                budget: ComputeBudget):
+                budget: ComputeBudget, callbacks: list | None = None):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     epochs = base["train"]["epochs"]
-    trainable = tune.with_parameters(run_trial, base=base, search_dir=str(search_dir),
-                                     parent_run_id=parent_run_id, search_name=search_name,
-                                     min_clean=settings.min_clean if settings.objective == "constrained" else None)
-    # The trial itself only waits on its Ray Train workers, which hold the CPUs/GPUs; a token memory
-    # request keeps it schedulable without taking a CPU share the workers need.
-    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024 * 1024})
-    run_config = tune.RunConfig(name="tune", storage_path=str(search_dir), callbacks=[ProgressPrinter(settings.samples)],
-                                verbose=0, failure_config=tune.FailureConfig(max_failures=0), stop=budget)
+    plan = SearchPlan(base=base, search_dir=str(search_dir), parent_run_id=parent_run_id, search_name=search_name,
+                      min_clean=settings.min_clean if settings.objective == "constrained" else None)
+    config = resolve_config(base)
+    trial_trainable = trainable(plan, config)
+    outcomes = TrialOutcomes(plan, config.tracking.tracking_uri, budget.stop_reason)
+    run_config = tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=0, stop=budget,
+                                callbacks=[ProgressPrinter(settings.samples), outcomes, *(callbacks or [])],
+                                failure_config=tune.FailureConfig(max_failures=tune_failures(config)))
     if restore:
-        return tune.Tuner.restore(str(search_dir / "tune"), trainable, resume_unfinished=True, resume_errored=False)
+        return tune.Tuner.restore(str(search_dir / "tune"), trial_trainable, resume_unfinished=True,
+                                  resume_errored=False)
 
     if settings.objective == "pareto":
         metric, mode = ["objective", CLEAN_METRIC], ["max", "max"]
@@ -241,9 +231,11 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
                  if settings.scheduler == "asha" else FIFOScheduler())
     if settings.budget_s is not None:
         searcher = budgeted_search(searcher, settings.max_concurrent or settings.samples, budget)
+    # reuse_actors: a one-worker trial runs in its actor, so the next trial skips the process start, the
+    # imports, the dataset decoding and the MLflow store opening.
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=settings.samples,
-                                  max_concurrent_trials=settings.max_concurrent)
-    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+                                  max_concurrent_trials=settings.max_concurrent, reuse_actors=True)
+    return tune.Tuner(trial_trainable, tune_config=tune_config, run_config=run_config)
 
 
 def grid_values(space: dict[str, Distribution], points: int) -> dict[str, list[Any]]:
@@ -270,25 +262,14 @@ def default_point(defense: str, space: dict[str, Distribution], base: dict[str, 
     return point
 
 
-def share_cpus(settings: SearchSettings, base) -> None:
-    """Fill in trials at once and CPUs per worker from the cluster's CPUs, so concurrent trials fit."""
-    import ray
-
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    workers = base.resources.num_workers
-    if settings.max_concurrent is None:
-        settings.max_concurrent = max(1, cpus // (workers * (base.resources.cpus_per_worker or 1)))
-    if base.resources.cpus_per_worker is None:
-        base.resources.cpus_per_worker = max(1, cpus // (settings.max_concurrent * workers))
-
-
 def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Callable[[str], None] = print,
                  refit: bool = False, parent_run_id: str | None = None,
-                 extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Validate everything, create the search folder and MLflow parent run, run the search."""
+                 extra_tags: dict[str, str] | None = None, callbacks: list | None = None) -> dict[str, Any]:
+    """Validate everything, create the search folder and MLflow parent run, run the search. `callbacks`:
+    more Ray Tune callbacks for this run of the search (after the search's own; not kept for --resume)."""
     from robustune import tracking
     from robustune.data import check_available
-    from robustune.training import check_cluster_fits, ensure_ray
+    from robustune.cluster import check_cluster_fits, ensure_ray, share_cpus
 
     settings.check()
     base_data = merge(base_data, {"method": {"name": settings.defense}})
@@ -312,7 +293,7 @@ def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Calla
     uri = base.tracking.tracking_uri
 
     ensure_ray()
-    share_cpus(settings, base)
+    settings.max_concurrent = share_cpus(base, settings.max_concurrent)
     check_cluster_fits(base)  # before the parent run exists: a run that can never start is refused now
     parent_run_id = tracking.create_run(base, search_name, parent_run_id=parent_run_id,
                                         extra_tags={"kind": "search", "search": search_name, **(extra_tags or {})})
@@ -329,12 +310,12 @@ def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Calla
     log(f"search {search_name}: {settings.samples} trials of {settings.defense} over "
         f"{', '.join(space)}; {settings.max_concurrent} at a time; MLflow parent run {parent_run_id}")
     log(f"search folder {search_dir} (continue an interrupted search with: robustune search --resume {search_dir})")
-    return _run(search_dir, log, restore=False, refit=refit)
+    return _run(search_dir, log, restore=False, refit=refit, callbacks=callbacks)
 
 
 def resume_search(search_dir: str | Path, log: Callable[[str], None] = print, refit: bool = False) -> dict[str, Any]:
     from robustune import tracking
-    from robustune.training import ensure_ray
+    from robustune.cluster import ensure_ray
 
     search_dir = Path(search_dir).resolve()
     if not (search_dir / SEARCH_FILE).is_file() or not (search_dir / "tune").is_dir():
@@ -347,7 +328,8 @@ def resume_search(search_dir: str | Path, log: Callable[[str], None] = print, re
     return _run(search_dir, log, restore=True, refit=refit)
 
 
-def _run(search_dir: Path, log: Callable[[str], None], restore: bool, refit: bool) -> dict[str, Any]:
+def _run(search_dir: Path, log: Callable[[str], None], restore: bool, refit: bool,
+         callbacks: list | None = None) -> dict[str, Any]:
     from robustune import tracking
 
     state = json.loads((search_dir / SEARCH_FILE).read_text())
@@ -359,9 +341,11 @@ def _run(search_dir: Path, log: Callable[[str], None], restore: bool, refit: boo
     budget = ComputeBudget(settings.budget_s, base["resources"]["num_workers"])
     if settings.budget_s is not None:
         log(f"search {search_name}: compute budget {settings.budget_s:.0f} worker-seconds of training epochs")
-    tuner = _make_tuner(settings, space, base, search_dir, parent_run_id, search_name, log, restore, budget)
+    tuner = _make_tuner(settings, space, base, search_dir, parent_run_id, search_name, log, restore, budget,
+                        callbacks)
     results = tuner.fit()
-    table = collect_results(results, settings, base, space, search_dir, budget_spent=budget.spent())
+    table = collect_results(results, settings, base, space, search_dir, budget)
+    end_orphaned_trials(uri, parent_run_id, {row["trial_id"] for row in table}, log)
     write_results(table, search_dir / RESULTS_FILE)
     tracking.log_file(uri, parent_run_id, search_dir / RESULTS_FILE, "search")
     summary = summarize(table, settings, time.time() - started)
@@ -393,18 +377,18 @@ def _run(search_dir: Path, log: Callable[[str], None], restore: bool, refit: boo
 
 
 def collect_results(results, settings: SearchSettings, base: dict[str, Any], space: dict[str, Distribution],
-                    search_dir: Path, budget_spent: bool = False) -> list[dict[str, Any]]:
-    """One row per trial: knobs, final and best validation metrics, epochs, stop reason, time, compute."""
+                    search_dir: Path, budget: ComputeBudget) -> list[dict[str, Any]]:
+    """One row per trial: knobs, final and best validation metrics, epochs, stop reason, time, compute. The
+    status is the one its MLflow run ended with (`TrialOutcomes` set it when the trial ended)."""
     from robustune import tracking
 
-    uri = base["tracking"]["tracking_uri"]
-    mlflow_client = tracking.client(uri)
+    mlflow_client = tracking.client(base["tracking"]["tracking_uri"])
     epochs = base["train"]["epochs"]
     workers = base["resources"]["num_workers"]
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        from_path = re.match(r"run_trial_([0-9a-f]+)_", Path(result.path).name) if result.path else None
+        from_path = re.match(r"^[a-z_]+?_([0-9a-f]+)_", Path(result.path).name) if result.path else None
         trial_id = metrics.get("trial_id") or (from_path.group(1) if from_path else None)
         history = result.metrics_dataframe
         run = _child_run(mlflow_client, search_dir, trial_id)
@@ -413,21 +397,16 @@ def collect_results(results, settings: SearchSettings, base: dict[str, Any], spa
             reason = "failed"
         elif run is not None and run.data.tags.get("stop_reason") == "overfit":
             reason = "overfit_alarm"
-        elif epochs_run < epochs:
-            reason = "early_stopped" if budget_spent else "asha_stopped"  # (ASHA or the compute budget)
+        elif epochs_run < epochs and not metrics.get("run_finished"):
+            reason = budget.stop_reason(trial_id)
         else:
             reason = "completed"
-        if run is not None and reason in ("asha_stopped", "early_stopped"):  # Tune ended it mid-training
-            tracking.set_tag(uri, run.info.run_id, "stop_reason", reason)
-            tracking.set_status(uri, run.info.run_id, "KILLED")
-        if run is not None and reason == "failed":
-            tracking.set_tag(uri, run.info.run_id, "stop_reason", "failed")
         wall = float(metrics.get("time_total_s") or 0.0)
         row = {"trial_id": trial_id, "status": reason, "run_id": run.info.run_id if run else None,
                "epochs_run": epochs_run, "epochs_planned": epochs, "wall_s": wall,
                "epochs_s": float(metrics.get("time/total_s") or 0.0),  # inside training epochs (+ validation)
                "worker_s": wall * workers,
-               "error": _first_line(result.error) if result.error is not None else None}
+               "error": first_error_line(result.error) if result.error is not None else None}
         row.update({f"param.{k}": result.config.get(k) for k in space})
         for key in (ROBUST_METRIC, CLEAN_METRIC, "objective", "train/loss", "alarm/overfit"):
             row[f"final.{key}"] = _float(metrics.get(key))
@@ -436,13 +415,26 @@ def collect_results(results, settings: SearchSettings, base: dict[str, Any], spa
     return rows
 
 
+def end_orphaned_trials(uri: str, parent_run_id: str, trial_ids: set[str], log: Callable[[str], None]) -> None:
+    """A search killed just after starting a trial, before Tune saved its experiment state, resumes without that
+    trial (Tune starts another in its place). Its MLflow run would stay RUNNING forever: it ends KILLED, with
+    stop_reason `interrupted`; its folder stays under trials/."""
+    from robustune import tracking
+
+    mlflow_client = tracking.client(uri)
+    experiment = mlflow_client.get_run(parent_run_id).info.experiment_id
+    for run in mlflow_client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                                                       "and attributes.status = 'RUNNING'"):
+        if run.data.tags.get("search_trial_id") not in trial_ids:
+            tracking.set_tag(uri, run.info.run_id, "stop_reason", "interrupted")
+            tracking.set_status(uri, run.info.run_id, "KILLED")
+            log(f"trial {run.data.tags.get('search_trial_id')} was cut short when the search was interrupted and "
+                f"is not part of the resumed search: its MLflow run {run.info.run_id} ends KILLED (interrupted)")
+
+
 def _child_run(mlflow_client, search_dir: Path, trial_id: str | None):
-    if trial_id is None:
-        return None
-    run_file = search_dir / "trials" / f"trial-{trial_id}" / "run.json"
-    if not run_file.is_file():
-        return None
-    return mlflow_client.get_run(json.loads(run_file.read_text())["run_id"])
+    run_id = run_id_of(search_dir / "trials" / f"trial-{trial_id}") if trial_id else None
+    return mlflow_client.get_run(run_id) if run_id else None
 
 
 def _float(value: Any) -> float | None:
@@ -451,13 +443,6 @@ def _float(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(value) else value
-
-
-def _first_line(error: BaseException) -> str:
-    """The innermost non-Ray error line of a trial's (Ray-wrapped) exception, e.g. the NaN-loss message."""
-    lines = [line.strip() for line in str(error).splitlines()]
-    ours = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line) and not line.startswith("ray.")]
-    return (ours or [line for line in lines if line] or [type(error).__name__])[-1][:500]
 
 
 def write_results(rows: list[dict[str, Any]], path: Path) -> None:

@@ -161,7 +161,8 @@ def load_space(defense: str, path: str | Path | None = None) -> dict[str, Distri
 
 def check_samples_resolve(space: dict[str, Distribution], base: dict[str, Any]) -> None:
     """Every extreme of every range must give a valid config (e.g. a ratio the defense refuses)."""
-    from robustune.config import apply_override, resolve_config
+    from robustune.config import apply_override
+    from robustune.resolve import resolve_config
 
     for key, dist in space.items():
         for value in (dist.values if dist.type == "choice" else (dist.low, dist.high)):

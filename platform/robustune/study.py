@@ -34,64 +34,29 @@ test split is touched only in stage 4.
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from ray.tune import Callback
 
-from robustune.config import ConfigError, EvalConfig, apply_override, build_dataclass, merge, resolve_config
+from robustune.config import ConfigError, EvalConfig, apply_override, build_dataclass, merge
+from robustune.resolve import resolve_config
+from robustune.study_state import (DEFINITION_FILE, Entry, RunRecord, SearchRecord, Study, StudyState,
+                                   is_study_dir)
+from robustune.run import FINAL_MODEL_FILE, finished_report, run_id_of
+from robustune.trials import TrialOutcomes, TrialPlan, TrialRun, trainable, tune_failures
 
-STUDY_FILE = "study.json"
-DEFINITION_FILE = "study.yaml"
 STUDY_KEYS = {"name", "description", "dataset", "model", "epsilon", "epochs", "seeds", "base", "evaluation",
               "search", "defenses", "featured", "max_concurrent"}
 ENTRY_KEYS = {"defense", "label", "tune", "set", "space", "samples", "epochs", "searcher", "scheduler", "budget",
               "init_from"}
 SEARCH_KEYS = {"samples", "epochs", "searcher", "scheduler", "grace_period", "reduction_factor", "objective",
                "min_clean", "seed", "grid_points"}
-
-
-@dataclass
-class Entry:
-    defense: str
-    label: str
-    tune: bool = False
-    overrides: dict[str, Any] = field(default_factory=dict)  # nested run settings for this entry
-    space: str | None = None
-    search: dict[str, Any] = field(default_factory=dict)  # SearchSettings fields
-    budget: str | None = None
-    init_from: str | None = None
-
-    @property
-    def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.label).strip("-").lower()
-
-
-@dataclass
-class Study:
-    name: str
-    description: str
-    source: str
-    base: dict[str, Any]  # the run config every entry starts from
-    seeds: list[int]
-    evaluation: dict[str, Any]
-    entries: list[Entry]
-    featured: str | None = None
-    max_concurrent: int | None = None
-
-    def entry(self, label: str) -> Entry:
-        return next(e for e in self.entries if e.label == label)
-
-    def run_config(self, entry: Entry, seed: int) -> dict[str, Any]:
-        data = merge(self.base, entry.overrides)
-        data = apply_override(data, ["method", "name"], entry.defense)
-        return apply_override(data, ["seed"], seed)
 
 
 def default_study_path() -> Path:
@@ -238,7 +203,7 @@ def _space_path(entry: Entry, study: Study) -> str | None:
 def start_study(study: Study, log: Callable[[str], None] = print) -> Path:
     """Create the study folder and its MLflow parent run, then run every stage."""
     from robustune import tracking
-    from robustune.training import check_cluster_fits, ensure_ray
+    from robustune.cluster import check_cluster_fits, ensure_ray, share_cpus
 
     config = resolve_config(study.base)
     uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
@@ -249,6 +214,9 @@ def start_study(study: Study, log: Callable[[str], None] = print) -> Path:
         raise ConfigError(f"study folder {study_dir} already exists; continue it with --resume {study_dir}")
     ensure_ray()
     check_cluster_fits(config)  # every run of the study has the base's resources
+    # Runs at once, and CPUs per worker so that many fit: fixed now, so a resumed study places runs alike.
+    slots = share_cpus(config, study.max_concurrent)
+    study.base = apply_override(study.base, ["resources", "cpus_per_worker"], config.resources.cpus_per_worker)
     config.study = instance
     config.tracking.tracking_uri, config.tracking.output_dir = uri, str(output_dir)
     parent_run_id = tracking.create_run(config, instance, extra_tags={"kind": "study", "study_name": study.name})
@@ -257,262 +225,227 @@ def start_study(study: Study, log: Callable[[str], None] = print) -> Path:
     tracking.log_text(uri, parent_run_id, Path(study.source).read_text(), "study/study.yaml")
     study_dir.mkdir(parents=True)
     (study_dir / DEFINITION_FILE).write_text(Path(study.source).read_text())
-    _save_state(study_dir, {"instance": instance, "study": asdict(study), "parent_run_id": parent_run_id,
-                            "tracking_uri": uri, "output_dir": str(output_dir), "started": time.time(),
-                            "runs": {}, "searches": {}})
-    log(f"study {instance}: {len(study.entries)} defenses x {len(study.seeds)} seed(s); MLflow parent run "
-        f"{parent_run_id} at {tracking.redact_uri(uri)}")
+    StudyState(path=study_dir, instance=instance, study=study, parent_run_id=parent_run_id, tracking_uri=uri,
+               output_dir=str(output_dir), started=time.time(), slots=slots).save()
+    log(f"study {instance}: {len(study.entries)} defenses x {len(study.seeds)} seed(s), {slots} run(s) at once; "
+        f"MLflow parent run {parent_run_id} at {tracking.redact_uri(uri)}")
     log(f"study folder {study_dir} (continue an interrupted study with: robustune study --resume {study_dir})")
     return run_stages(study_dir, log)
 
 
 def resume_study(study_dir: str | Path, log: Callable[[str], None] = print) -> Path:
     from robustune import tracking
-    from robustune.training import ensure_ray
+    from robustune.cluster import ensure_ray
 
     study_dir = Path(study_dir).resolve()
-    if not (study_dir / STUDY_FILE).is_file():
-        raise ConfigError(f"--resume {study_dir}: not a robustune study folder (no {STUDY_FILE}); pass the folder "
+    if not is_study_dir(study_dir):
+        raise ConfigError(f"--resume {study_dir}: not a robustune study folder (no study.json); pass the folder "
                           "`robustune study` printed at its start")
-    state = _load_state(study_dir)
+    state = StudyState.load(study_dir)
     ensure_ray()
-    tracking.set_status(state["tracking_uri"], state["parent_run_id"], "RUNNING")
-    log(f"resuming study {state['instance']} (MLflow parent run {state['parent_run_id']})")
+    tracking.set_status(state.tracking_uri, state.parent_run_id, "RUNNING")
+    log(f"resuming study {state.instance} (MLflow parent run {state.parent_run_id})")
     return run_stages(study_dir, log)
 
 
 def run_stages(study_dir: Path, log: Callable[[str], None]) -> Path:
     from robustune import leaderboard, tracking
 
-    state = _load_state(study_dir)
-    study = _study_from_dict(state["study"])
-    uri, parent = state["tracking_uri"], state["parent_run_id"]
+    started = time.time()
+    state = StudyState.load(study_dir)
+    study = state.study
+    uri, parent = state.tracking_uri, state.parent_run_id
     try:
         untuned = [e for e in study.entries if not e.tune]
         tuned = [e for e in study.entries if e.tune]
         log(f"[study] stage 1/5: {len(untuned)} untuned defense(s) x {len(study.seeds)} seed(s)")
-        _train_final_runs(study_dir, study, untuned, {}, log)
+        _train_final_runs(state, untuned, {}, log)
         for entry in tuned:
             log(f"[study] stage 2/5: search for {entry.label}")
-            _search(study_dir, study, entry, log)
+            _search(state, entry, log)
         log(f"[study] stage 3/5: {len(tuned)} tuned defense(s) retrained with their best config x "
             f"{len(study.seeds)} seed(s)")
-        best = {e.label: _load_state(study_dir)["searches"][e.label]["best_params"] for e in tuned}
-        _train_final_runs(study_dir, study, tuned, best, log)
+        _train_final_runs(state, tuned, {e.label: state.searches[e.label].best_params for e in tuned}, log)
         log("[study] stage 4/5: evaluation on the test split")
-        _evaluate_final_runs(study_dir, study, log)
+        _evaluate_final_runs(state, log)
+        state.wall_s += time.time() - started
+        started = time.time()
+        usage = utilization(state)
+        state.save()
         log("[study] stage 5/5: leaderboard")
         table = leaderboard.build(study_dir, log=log)
     except BaseException:
+        state.wall_s += time.time() - started
+        state.save()
         tracking.set_status(uri, parent, "FAILED")
         raise
+    tracking.log_metrics(uri, parent, {"study/utilization": usage["utilization"], "study/wall_s": state.wall_s,
+                                       "study/busy_worker_s": usage["busy_s"]}, step=0)
     tracking.set_status(uri, parent, "FINISHED")
-    state = _load_state(study_dir)
-    log(f"study finished in {time.time() - state['started']:.0f}s since it started "
-        f"({len(table)} leaderboard rows); MLflow parent run {parent}")
+    log(f"study finished: {state.wall_s:.0f}s of wall time ({len(table)} leaderboard rows); MLflow parent run "
+        f"{parent}")
+    log(f"  utilization {usage['utilization']:.0%}: {usage['busy_s']:.0f} busy worker-seconds (training epochs "
+        f"{usage['training_s']:.0f}, search trials {usage['search_s']:.0f}, evaluation {usage['evaluation_s']:.0f}) "
+        f"of {state.wall_s:.0f}s x {state.slots} slot(s)")
     log(f"  see it with: mlflow ui --backend-store-uri {tracking.redact_uri(uri)}   (then open http://127.0.0.1:5000)")
     return study_dir
 
 
-def _final_run_dir(study_dir: Path, entry: Entry, seed: int) -> Path:
-    return study_dir / "runs" / f"{entry.slug}-seed{seed}"
+def utilization(state: StudyState) -> dict[str, float]:
+    """Busy worker-seconds (training epochs of final runs and search trials, and evaluation) over the study's
+    wall time x its slots. Evaluation counts on every slot: it runs multi-threaded in the driver while its
+    AutoAttack shards fill the slots."""
+    from robustune.leaderboard import search_compute
+
+    workers = resolve_config(state.study.base).resources.num_workers
+    training_s = sum(r.training["train_seconds"] * workers for r in state.runs.values() if r.training)
+    search_s = sum(search_compute(Path(s.search_dir))[1] for s in state.searches.values())
+    evaluation_s = sum((r.evaluation_s or 0.0) * state.slots for r in state.runs.values())
+    busy = training_s + search_s + evaluation_s
+    return {"utilization": busy / max(state.wall_s * state.slots, 1e-9), "busy_s": busy, "training_s": training_s,
+            "search_s": search_s, "evaluation_s": evaluation_s}
 
 
-def _entry_config(study_dir: Path, study: Study, entry: Entry, seed: int, params: dict[str, Any]) -> dict[str, Any]:
-    state = _load_state(study_dir)
-    data = study.run_config(entry, seed)
+def _final_run_dir(state: StudyState, entry: Entry, seed: int) -> Path:
+    return state.path / "runs" / f"{entry.slug}-seed{seed}"
+
+
+def _entry_config(state: StudyState, entry: Entry, seed: int, params: dict[str, Any]) -> dict[str, Any]:
+    data = state.study.run_config(entry, seed)
     for key, value in params.items():
         data = apply_override(data, key.split("."), value)
     if entry.init_from is not None:
-        source = _final_run_dir(study_dir, study.entry(entry.init_from), seed)
-        data = apply_override(data, ["train", "init_from"], str(source / "final.pt"))
-    return merge(data, {"study": state["instance"], "tracking": {"tracking_uri": state["tracking_uri"]}})
+        source = _final_run_dir(state, state.study.entry(entry.init_from), seed)
+        data = apply_override(data, ["train", "init_from"], str(source / FINAL_MODEL_FILE))
+    return merge(data, {"study": state.instance, "tracking": {"tracking_uri": state.tracking_uri}})
 
 
-def _train_final_runs(study_dir: Path, study: Study, entries: list[Entry], best: dict[str, dict[str, Any]],
+@dataclass
+class StudyPlan(TrialPlan):
+    """Study runs as Tune trials: trial `index` trains runs[index]."""
+
+    runs: list[TrialRun]
+    labels: list[str]  # "<label> seed <seed>", for progress lines
+
+    def trial_run(self, params: dict[str, Any], trial_id: str) -> TrialRun:
+        return self.runs[params["index"]]
+
+
+def _train_final_runs(state: StudyState, entries: list[Entry], best: dict[str, dict[str, Any]],
                       log: Callable[[str], None]) -> None:
-    from robustune.training import REPORT_FILE
-
-    jobs = []
+    runs, labels = [], []
     for entry in entries:
-        for seed in study.seeds:
-            run_dir = _final_run_dir(study_dir, entry, seed)
-            if (run_dir / REPORT_FILE).is_file():
-                continue  # finished before an interruption
-            data = _entry_config(study_dir, study, entry, seed, best.get(entry.label, {}))
+        for seed in state.study.seeds:
+            run_dir = _final_run_dir(state, entry, seed)
+            data = _entry_config(state, entry, seed, best.get(entry.label, {}))
             data = merge(data, {"tracking": {"output_dir": str(run_dir.parent), "run_name": run_dir.name}})
-            jobs.append({"run_dir": str(run_dir), "config": data, "label": entry.label, "seed": seed})
-    if jobs:
-        run_many(jobs, study_dir, _load_state(study_dir)["parent_run_id"], _concurrency(study), log)
-    state = _load_state(study_dir)
+            record = state.runs.get(f"{entry.label}|{seed}") or RunRecord(entry.label, entry.defense, seed,
+                                                                           str(run_dir))
+            state.runs[record.key] = record
+            if finished_report(run_dir) is None:  # else: finished before an interruption
+                runs.append(TrialRun(run_dir, data, state.parent_run_id,
+                                     {"kind": "study_run", "study_entry": entry.label}))
+                labels.append(f"{entry.label} seed {seed}")
+    if runs:
+        run_many(StudyPlan(runs=runs, labels=labels), state, log)
     for entry in entries:
-        for seed in study.seeds:
-            run_dir = _final_run_dir(study_dir, entry, seed)
+        for seed in state.study.seeds:
             # Keep what a resumed study already knows of this run (its evaluation, above all).
-            record = {**state["runs"].get(f"{entry.label}|{seed}", {}),
-                      "label": entry.label, "defense": entry.defense, "seed": seed, "run_dir": str(run_dir)}
-            record.pop("failed", None)
-            if (run_dir / "run.json").is_file():
-                record["run_id"] = json.loads((run_dir / "run.json").read_text())["run_id"]
-            if (run_dir / REPORT_FILE).is_file():
-                record["training"] = json.loads((run_dir / REPORT_FILE).read_text())
-            else:
-                record["failed"] = True
-                log(f"[study] {entry.label} seed {seed} failed (see its run folder {run_dir}); the study goes on")
-            state["runs"][f"{entry.label}|{seed}"] = record
-    _save_state(study_dir, state)
+            record = state.runs[f"{entry.label}|{seed}"]
+            record.run_id = record.run_id or run_id_of(record.run_dir)
+            record.training = finished_report(record.run_dir)
+            record.failed = record.training is None
+            if record.failed:
+                log(f"[study] {entry.label} seed {seed} failed (see its run folder {record.run_dir}); "
+                    "the study goes on")
+    state.save()
 
 
-def _concurrency(study: Study) -> int:
-    """Trainings at once: what the cluster's CPUs fit (each takes num_workers x cpus_per_worker)."""
-    import ray
+class RunProgress(Callback):
+    """One line per finished or failed study run (stdout: Tune pickles its callbacks, a logger may not be)."""
 
-    if study.max_concurrent:
-        return study.max_concurrent
-    config = resolve_config(study.base)
-    per_run = config.resources.num_workers * (config.resources.cpus_per_worker or 1)
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) // per_run)
+    def __init__(self, labels: list[str]):
+        self.labels, self.started = labels, time.time()
 
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(trial, "finished")
 
-def train_job(params: dict[str, Any], jobs: list[dict[str, Any]], parent_run_id: str) -> None:
-    """A Tune trainable running one final training (resumed in place if its folder exists)."""
-    from robustune.training import RUN_FILE, run_training
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trial, "FAILED")
 
-    job = jobs[params["index"]]
-    run_dir = Path(job["run_dir"])
-    quiet = lambda text: None  # noqa: E731 - the study prints its own progress
-    if (run_dir / RUN_FILE).is_file():
-        run_training(resume_dir=run_dir, log=quiet)
-    else:
-        run_training(resolve_config(job["config"]), log=quiet, parent_run_id=parent_run_id,
-                     extra_tags={"kind": "study_run", "study_entry": job["label"]})
+    def _line(self, trial, what: str) -> None:
+        sys.stdout.write(f"[study] {self.labels[trial.config['index']]} {what} ({time.time() - self.started:.0f}s)\n")
+        sys.stdout.flush()
 
 
-def _run_progress_class():
+def run_many(plan: StudyPlan, state: StudyState, log: Callable[[str], None]) -> None:
+    """Run independent trainings, `state.slots` at a time, as Ray Tune trials in reused trial actors (a failed
+    one does not stop the others; each keeps its own run folder, so an interrupted batch resumes run by run)."""
     from ray import tune
 
-    class RunProgress(tune.Callback):
-        """One line per finished or failed training (stdout: Tune pickles its callbacks, a logger may not be)."""
-
-        def __init__(self, jobs: list[dict[str, Any]]):
-            self.jobs, self.started = jobs, time.time()
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._line(trial, "finished")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._line(trial, "FAILED")
-
-        def _line(self, trial, what: str) -> None:
-            job = self.jobs[trial.config["index"]]
-            sys.stdout.write(f"[study] {job['label']} seed {job['seed']} {what} ({time.time() - self.started:.0f}s)\n")
-            sys.stdout.flush()
-
-    return RunProgress
-
-
-def run_many(jobs: list[dict[str, Any]], study_dir: Path, parent_run_id: str, max_concurrent: int,
-             log: Callable[[str], None]) -> None:
-    """Run independent trainings, `max_concurrent` at a time, as Ray Tune trials (a failed one does not stop
-    the others; each keeps its own run folder, so an interrupted batch resumes run by run)."""
-    from ray import tune
-
-    RunProgress = _run_progress_class()
-    trainable = tune.with_resources(tune.with_parameters(train_job, jobs=jobs, parent_run_id=parent_run_id),
-                                    {"CPU": 0, "memory": 64 * 1024 * 1024})
-    tuner = tune.Tuner(trainable, param_space={"index": tune.grid_search(list(range(len(jobs))))},
-                       tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+    config = resolve_config(plan.runs[0].config)
+    tuner = tune.Tuner(trainable(plan, config), param_space={"index": tune.grid_search(list(range(len(plan.runs))))},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=state.slots, reuse_actors=True),
                        run_config=tune.RunConfig(name=f"runs-{time.strftime('%H%M%S')}",
-                                                 storage_path=str(study_dir / "tune"), verbose=0,
-                                                 callbacks=[RunProgress(jobs)],
-                                                 failure_config=tune.FailureConfig(max_failures=0)))
-    log(f"[study] {len(jobs)} training run(s), {max_concurrent} at a time: "
-        + ", ".join(f"{j['label']}/seed {j['seed']}" for j in jobs))
+                                                 storage_path=str(state.path / "tune"), verbose=0,
+                                                 callbacks=[RunProgress(plan.labels),
+                                                            TrialOutcomes(plan, state.tracking_uri)],
+                                                 failure_config=tune.FailureConfig(max_failures=tune_failures(config))))
+    log(f"[study] {len(plan.runs)} training run(s), {state.slots} at a time: " + ", ".join(plan.labels))
     tuner.fit()
 
 
-def _search(study_dir: Path, study: Study, entry: Entry, log: Callable[[str], None]) -> None:
-    from robustune.search import SUMMARY_FILE, SearchSettings, resume_search, start_search
+def _search(state: StudyState, entry: Entry, log: Callable[[str], None]) -> None:
+    import json
 
-    state = _load_state(study_dir)
-    search_dir = study_dir / "searches" / entry.slug
+    from robustune.search import SEARCH_FILE, SUMMARY_FILE, SearchSettings, resume_search, start_search
+
+    search_dir = state.path / "searches" / entry.slug
     if (search_dir / SUMMARY_FILE).is_file():
         summary = json.loads((search_dir / SUMMARY_FILE).read_text())
-    elif (search_dir / "search.json").is_file():
+    elif (search_dir / SEARCH_FILE).is_file():
         summary = resume_search(search_dir, log=log)
     else:
         budget_s = None
         if entry.budget is not None:
-            budget_s = _training_compute(state, entry.budget, resolve_config(study.base).resources.num_workers)
+            budget_s = _training_compute(state, entry.budget)
             log(f"[study] {entry.label}: search budget = {entry.budget}'s training compute, "
                 f"{budget_s:.0f} worker-seconds (mean over seeds)")
-        settings = SearchSettings(defense=entry.defense, space_file=_space_path(entry, study), budget_s=budget_s,
-                                  **{"max_concurrent": _concurrency(study), **entry.search})
-        data = _entry_config(study_dir, study, entry, study.seeds[0], {})
+        settings = SearchSettings(defense=entry.defense, space_file=_space_path(entry, state.study),
+                                  budget_s=budget_s, **{"max_concurrent": state.slots, **entry.search})
+        data = _entry_config(state, entry, state.study.seeds[0], {})
         data = merge(data, {"tracking": {"output_dir": str(search_dir.parent), "run_name": search_dir.name}})
-        summary = start_search(settings, data, log=log, parent_run_id=state["parent_run_id"],
+        summary = start_search(settings, data, log=log, parent_run_id=state.parent_run_id,
                                extra_tags={"study_entry": entry.label})
-    state = _load_state(study_dir)
     best = summary.get("best")
     if not best:
         raise ConfigError(f"the search for {entry.label} produced no usable trial (all failed?); see "
                           f"{search_dir}/results.parquet")
-    state["searches"][entry.label] = {"search_dir": str(search_dir), "parent_run_id": summary["parent_run_id"],
-                                      "best_params": best["params"], "budget_s": summary.get("budget_s"),
-                                      "trials": summary["trials"]}
-    _save_state(study_dir, state)
+    state.searches[entry.label] = SearchRecord(search_dir=str(search_dir), parent_run_id=summary["parent_run_id"],
+                                               best_params=best["params"], budget_s=summary.get("budget_s"),
+                                               trials=summary["trials"])
+    state.save()
 
 
-def _training_compute(state: dict[str, Any], label: str, workers: int) -> float:
+def _training_compute(state: StudyState, label: str) -> float:
     """Mean training compute (worker-seconds inside epochs) of an untuned entry's finished runs."""
-    values = [r["training"]["train_seconds"] * workers
-              for r in state["runs"].values() if r["label"] == label and "training" in r]
+    workers = resolve_config(state.study.base).resources.num_workers
+    values = [r.training["train_seconds"] * workers for r in state.runs_of(label) if r.training]
     if not values:
         raise ConfigError(f"no finished run of {label!r} to take a compute budget from")
     return sum(values) / len(values)
 
 
-def _evaluate_final_runs(study_dir: Path, study: Study, log: Callable[[str], None]) -> None:
+def _evaluate_final_runs(state: StudyState, log: Callable[[str], None]) -> None:
     from robustune.evaluate_run import evaluate_run
 
-    state = _load_state(study_dir)
-    protocol = study.evaluation.get("protocol", "quick")
-    for key, record in state["runs"].items():
-        if record.get("failed") or "evaluation" in record:
+    protocol = state.study.evaluation.get("protocol", "quick")
+    for record in state.runs.values():
+        if record.failed or record.evaluation is not None:
             continue
-        log(f"[study] evaluating {record['label']} seed {record['seed']}")
-        report = evaluate_run(record["run_dir"], study.evaluation, log=log)
-        state = _load_state(study_dir)
-        state["runs"][key]["evaluation"] = report
-        state["runs"][key]["evaluation_file"] = str(Path(record["run_dir"]) / f"eval-{protocol}" / "report.json")
-        _save_state(study_dir, state)
-
-
-# ---------------------------------------------------------------------------------------------- state
-def _save_state(study_dir: Path, state: dict[str, Any]) -> None:
-    tmp = study_dir / (STUDY_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    tmp.replace(study_dir / STUDY_FILE)
-
-
-def _load_state(study_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(study_dir) / STUDY_FILE).read_text())
-
-
-def _study_from_dict(data: dict[str, Any]) -> Study:
-    return Study(**{**data, "entries": [Entry(**e) for e in data["entries"]]})
-
-
-def find_study_dir(name_or_dir: str | None, output_dir: str = "runs") -> Path:
-    """A study folder given as a path, as a study instance or study name (the newest), or the newest of all."""
-    if name_or_dir and Path(name_or_dir, STUDY_FILE).is_file():
-        return Path(name_or_dir).resolve()
-    folders = sorted((p.parent for p in Path(output_dir).glob(f"study-*/{STUDY_FILE}")),
-                     key=lambda p: _load_state(p).get("started", 0))
-    if name_or_dir:
-        folders = [p for p in folders if p.name == name_or_dir or _load_state(p)["study"]["name"] == name_or_dir]
-    if not folders:
-        what = f"named {name_or_dir!r} " if name_or_dir else ""
-        raise ConfigError(f"no study {what}under {Path(output_dir).resolve()}: pass a study folder "
-                          "(printed by `robustune study`) or run `robustune study` first")
-    return folders[-1].resolve()
+        log(f"[study] evaluating {record.label} seed {record.seed}")
+        started = time.time()
+        record.evaluation = evaluate_run(record.run_dir, state.study.evaluation, log=log)
+        record.evaluation_s = time.time() - started
+        record.evaluation_file = str(Path(record.run_dir) / f"eval-{protocol}" / "report.json")
+        state.save()

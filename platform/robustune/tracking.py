@@ -13,6 +13,7 @@ sent at most once per (key, step). Other failures (a bad value, a local store's 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import re
@@ -73,7 +74,10 @@ def resolve_tracking_uri(configured: str | None) -> str:
     return uri
 
 
+@functools.lru_cache(maxsize=8)
 def client(uri: str):
+    """The MLflow client for `uri`, one per process: a reused Ray process (a Tune trial actor) opens the store
+    once, not for every run and every write."""
     from mlflow.tracking import MlflowClient
 
     for name, value in HTTP_DEFAULTS.items():
@@ -111,16 +115,29 @@ def run_tags(config: Config) -> dict[str, str]:
     return tags
 
 
+RUN_FOLDER_TAG = "run_folder"
+
+
 def create_run(config: Config, run_name: str, extra_tags: dict[str, str] | None = None,
-               parent_run_id: str | None = None) -> str:
-    """Create the MLflow run with tags, every resolved config value as a param and the config as YAML."""
+               parent_run_id: str | None = None, run_folder: str | None = None) -> str:
+    """Create the MLflow run with tags, every resolved config value as a param and the config as YAML.
+
+    With `run_folder`, a run already created for that folder is taken over instead: a process killed between
+    creating the MLflow run and writing the folder's run.json (a search killed while a trial starts) must not
+    leave a second run for the same folder when it resumes."""
     uri = config.tracking.tracking_uri
     mlflow_client = client(uri)
     tags = {**run_tags(config), **(extra_tags or {}), "mlflow.runName": run_name}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow_client.create_run(experiment_id(uri, config.tracking.experiment), run_name=run_name, tags=tags)
-    run_id = run.info.run_id
+    experiment = experiment_id(uri, config.tracking.experiment)
+    existing = []
+    if run_folder is not None:
+        tags[RUN_FOLDER_TAG] = run_folder
+        quoted = run_folder.replace("\\", "\\\\").replace("'", "\\'")
+        existing = mlflow_client.search_runs([experiment], f"tags.{RUN_FOLDER_TAG} = '{quoted}'", max_results=1)
+    run_id = existing[0].info.run_id if existing else \
+        mlflow_client.create_run(experiment, run_name=run_name, tags=tags).info.run_id
     shared = public_config(config)
     log_params(uri, run_id, flatten(shared))
     log_text(uri, run_id, yaml.safe_dump(shared, sort_keys=False), "config.yaml")

@@ -1,0 +1,221 @@
+"""One training run's lifecycle: its folder and files, create / open / resume, and "the model and defense of
+this run". Training, search trials, study runs, `robustune evaluate` and EAE's calibration all go through it.
+
+    <tracking.output_dir>/<run name>/
+        run.json              MLflow run id, tracking URI, run name (what --resume needs)
+        config.yaml           the resolved config (with the real tracking URI: --resume needs it)
+        epoch_NNN/state.pt    the two newest checkpoints (model, optimizer, defense, history, best weights)
+        final.pt              the selected weights, the defense's state and the shared config (+ evaluation)
+        report.json           how training ended (+ the evaluation when it ran): written last
+        mlflow_outbox.jsonl   tracking writes that waited for an unreachable server (`robustune sync`)
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch import nn
+
+from robustune import tracking
+from robustune.checkpoints import (STATE_FILE, CheckpointError, check_weights_fit, latest_checkpoint,
+                                   load_checkpoint, model_weights_from, set_aside_unreadable_checkpoints)
+from robustune.config import Config, ConfigError
+from robustune.resolve import resolve_config
+from robustune.data import dataset_info
+from robustune.defense import Defense
+from robustune.models import create_model
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+REPORT_FILE = "report.json"
+FINAL_MODEL_FILE = "final.pt"
+
+
+def new_run_name(config: Config) -> str:
+    return f"{config.method_name}-{config.data.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class Run:
+    """A run folder and its MLflow run."""
+
+    path: Path
+    config: Config
+    run_id: str
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.config.tracking.tracking_uri
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # ------------------------------------------------------------------------------ create / open
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        return (Path(path) / RUN_FILE).is_file()
+
+    @classmethod
+    def create(cls, config: Config, *, extra_tags: dict[str, str] | None = None,
+               parent_run_id: str | None = None) -> Run:
+        """Fix the places (absolute tracking URI and output folder), create the MLflow run and the run folder."""
+        config.tracking.tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
+        config.tracking.output_dir = str(Path(config.tracking.output_dir).resolve())
+        run_name = config.tracking.run_name or new_run_name(config)
+        path = Path(config.tracking.output_dir) / run_name
+        # A folder with nothing but a config is what a process killed while creating this run left: take it over.
+        if path.exists() and {p.name for p in path.iterdir()} - {CONFIG_FILE, RUN_FILE + ".tmp"}:
+            raise ConfigError(f"run folder {path} already exists; choose another tracking.run_name, "
+                              f"or continue it with --resume {path}")
+        config.tracking.run_name = run_name
+        run_id = tracking.create_run(config, run_name, extra_tags=extra_tags, parent_run_id=parent_run_id,
+                                     run_folder=str(path))
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        # run.json last, whole or not at all: it is what makes the folder a run.
+        tmp = path / (RUN_FILE + ".tmp")
+        tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": config.tracking.tracking_uri,
+                                   "run_name": run_name}))
+        tmp.replace(path / RUN_FILE)
+        return cls(path, config, run_id)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """The config and MLflow run of an existing run folder (for --resume)."""
+        path = Path(path).resolve()
+        if not (path / RUN_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+            raise ConfigError(f"--resume {path}: not a robustune run folder (no {RUN_FILE} / {CONFIG_FILE}); "
+                              "pass the folder `robustune train` printed at its start")
+        config = resolve_config(yaml.safe_load((path / CONFIG_FILE).read_text()))
+        return cls(path, config, json.loads((path / RUN_FILE).read_text())["run_id"])
+
+    def prepare_resume(self, log: Callable[[str], None]) -> None:
+        """Before a resumed run trains again: set aside unreadable newest checkpoints (with a warning), check
+        the weights it will load, and send the tracking records that waited in its outbox."""
+        set_aside_unreadable_checkpoints(self.path, log)
+        check_weights_sources(self.config, self.path)
+        tracking.check_server(self.tracking_uri)
+        tracking.use_outbox(self.run_id, self.path)
+        if tracking.read_outbox(self.path):  # records kept while the server was away go first
+            log(f"sent {tracking.replay_outbox(self.path)} MLflow records queued in {self.path / tracking.OUTBOX_FILE}")
+
+    # ------------------------------------------------------------------------------------ files
+    @property
+    def report_path(self) -> Path:
+        return self.path / REPORT_FILE
+
+    @property
+    def final_model_path(self) -> Path:
+        return self.path / FINAL_MODEL_FILE
+
+    @property
+    def finished(self) -> bool:
+        """Training ended and its report was written (the last thing a run writes)."""
+        return self.report_path.is_file()
+
+    def report(self) -> dict[str, Any]:
+        return json.loads(self.report_path.read_text())
+
+    def write_report(self, report: dict[str, Any]) -> None:
+        tmp = self.report_path.with_name(REPORT_FILE + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(self.report_path)
+
+    def latest_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.path)
+
+
+def finished_report(path: str | Path) -> dict[str, Any] | None:
+    """The report of a finished run folder, or None while it has none (not started, running, failed)."""
+    report = Path(path) / REPORT_FILE
+    return json.loads(report.read_text()) if report.is_file() else None
+
+
+def run_id_of(path: str | Path) -> str | None:
+    """The MLflow run id of a run folder, or None when it has not been created yet."""
+    run_file = Path(path) / RUN_FILE
+    return json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+
+
+# ------------------------------------------------------------------------------- the model of a run
+def build_model(config: Config, device: torch.device | str = "cpu") -> nn.Module:
+    """The run's model, freshly initialized (the seed decides its weights)."""
+    info = dataset_info(config.data.name)
+    return create_model(config.model_name, num_classes=info.num_classes, input_shape=info.input_shape,
+                        mean=info.mean, std=info.std, **config.model_kwargs).to(device)
+
+
+def check_weights_sources(config: Config, run_dir: Path | None = None) -> None:
+    """Before any work: the warm-start weights (train.init_from) and, for a resume, the run's newest checkpoint
+    must load safely and fit the configured model (CheckpointError naming the file and the keys otherwise)."""
+    sources = [config.train.init_from] if config.train.init_from else []
+    newest = latest_checkpoint(run_dir) if run_dir is not None else None
+    if newest is not None:
+        sources.append(newest / STATE_FILE)
+    if not sources:
+        return
+    expected = build_model(config).state_dict()
+    for source in sources:
+        check_weights_fit(model_weights_from(source), expected, source, config.model_name)
+
+
+@dataclass
+class TrainedModel:
+    """A finished run's model and defense (with its state), rebuilt from a checkpoint, ready to evaluate."""
+
+    config: Config
+    model: nn.Module
+    defense: Defense
+    splits: Any  # the run's data (DataSplits: train, val, test)
+    checkpoint: Path
+    device: torch.device
+
+
+def load_trained(checkpoint: str | Path, overrides: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 device: torch.device | str | None = None) -> TrainedModel:
+    """The model and defense of a run from its final.pt, a checkpoint folder (epoch_NNN) or a run folder (its
+    final.pt, else its newest checkpoint). The config is the one saved with the weights; `overrides` may
+    change it (a data folder on this machine, say). The weights come from the checkpoint, not train.init_from.
+    `device` None: a GPU when the run trained on one and this machine has one, else the CPU."""
+    from robustune.loop import TrainingLoop
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    defense_state = None
+    if path.is_dir() and (path / CONFIG_FILE).is_file():  # a run folder: its final weights, else its newest
+        config_data = yaml.safe_load((path / CONFIG_FILE).read_text())
+        source = path / FINAL_MODEL_FILE if (path / FINAL_MODEL_FILE).is_file() else latest_checkpoint(path)
+        if source is None:
+            raise CheckpointError(f"{path} holds no {FINAL_MODEL_FILE} and no checkpoint yet")
+        state = load_checkpoint(source)
+    else:
+        source, state = path, load_checkpoint(path)
+        config_data = state.get("config")
+    if "model" not in state:
+        raise CheckpointError(f"checkpoint {source} holds no model weights")
+    if not isinstance(config_data, dict):
+        raise CheckpointError(f"checkpoint {source} holds no run config; pass a final.pt, a checkpoint folder "
+                              "or a run folder written by `robustune train`")
+    defense_state = state.get("defense")
+    config_data = dict(config_data)
+    config_data["train"] = {**config_data.get("train", {}), "init_from": None}
+    if overrides is not None:
+        config_data = overrides(config_data)
+    config = resolve_config(config_data)
+    if device is None:
+        device = "cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu"
+    loop = TrainingLoop(config, device=device, log=lambda _: None)
+    loop.load_model_weights(state["model"], source)
+    if defense_state:
+        loop.defense.load_state_dict(defense_state)
+    loop.model.eval()
+    return TrainedModel(config, loop.model, loop.defense, loop.splits, Path(source), loop.device)
