@@ -28,3 +28,19 @@ def fashion_mnist_dir() -> Path:
 @pytest.fixture
 def mlflow_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def pytest_unconfigure(config):
+    """Close what tests leave open before Python shuts down: a Ray driver still connected (tests that call the
+    CLI in this process start a local Ray and keep it, as the CLI does) and the cached MLflow clients. A run of
+    the whole suite once exited with status 139 (a crash in the interpreter's shutdown) after every test had
+    passed; a connected Ray driver's threads are the likely cause."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    if "robustune.tracking" in sys.modules:
+        sys.modules["robustune.tracking"].client.cache_clear()
