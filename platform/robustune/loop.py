@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from robustune.attacks import pgd
 from robustune.checkpoints import CheckpointError, check_weights_fit, model_weights_from
 from robustune.config import Config, ConfigError, TrainConfig
-from robustune.data import ArrayDataset, BatchLoader, DataSplits, load_dataset
+from robustune.data import ArrayDataset, BatchLoader, DataSplits, dataset_info, load_dataset
 from robustune.defense import Defense, DefenseContext, StepResult, average_gradients, create_defense
 from robustune.models import create_model
 
@@ -88,8 +88,7 @@ def build_setup(config: Config, rank: int, world_size: int, device: torch.device
     total_steps = steps_per_epoch * epochs
 
     torch.manual_seed(config.seed)  # identical initial weights on every worker
-    model = create_model(config.model_name, num_classes=info.num_classes, input_shape=info.input_shape,
-                         mean=info.mean, std=info.std, **config.model_kwargs).to(device)
+    model = build_model(config, device)
     if train.init_from:
         load_weights(model, model_weights_from(train.init_from), train.init_from, config.model_name)
     optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
@@ -100,6 +99,13 @@ def build_setup(config: Config, rank: int, world_size: int, device: torch.device
         rank=rank, world_size=world_size, seed=config.seed,
         learning_rate=lambda step: learning_rate(train, step, total_steps)))
     return TrainingSetup(splits, train_loader, model, optimizer, defense, epochs, steps_per_epoch)
+
+
+def build_model(config: Config, device: torch.device | str = "cpu") -> nn.Module:
+    """The run's model, freshly initialized (the seed decides its weights)."""
+    info = dataset_info(config.data.name)
+    return create_model(config.model_name, num_classes=info.num_classes, input_shape=info.input_shape,
+                        mean=info.mean, std=info.std, **config.model_kwargs).to(device)
 
 
 def load_weights(model: nn.Module, weights: dict[str, Tensor], source: Any, model_name: str) -> None:

@@ -28,9 +28,8 @@ from robustune.checkpoints import (STATE_FILE, CheckpointError, check_weights_fi
                                    load_checkpoint, model_weights_from, set_aside_unreadable_checkpoints)
 from robustune.config import Config, ConfigError
 from robustune.resolve import resolve_config
-from robustune.data import dataset_info
 from robustune.defense import Defense
-from robustune.models import create_model
+from robustune.loop import build_model, build_setup, load_weights
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -119,7 +118,7 @@ class Run:
     @property
     def finished(self) -> bool:
         """Training ended and its report was written (the last thing a run writes)."""
-        return self.report_path.is_file()
+        return finished_report(self.path) is not None
 
     def report(self) -> dict[str, Any]:
         return json.loads(self.report_path.read_text())
@@ -146,13 +145,6 @@ def run_id_of(path: str | Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------- the model of a run
-def build_model(config: Config, device: torch.device | str = "cpu") -> nn.Module:
-    """The run's model, freshly initialized (the seed decides its weights)."""
-    info = dataset_info(config.data.name)
-    return create_model(config.model_name, num_classes=info.num_classes, input_shape=info.input_shape,
-                        mean=info.mean, std=info.std, **config.model_kwargs).to(device)
-
-
 def check_weights_sources(config: Config, run_dir: Path | None = None) -> None:
     """Before any work: the warm-start weights (train.init_from) and, for a resume, the run's newest checkpoint
     must load safely and fit the configured model (CheckpointError naming the file and the keys otherwise)."""
@@ -185,8 +177,6 @@ def load_trained(checkpoint: str | Path, overrides: Callable[[dict[str, Any]], d
     final.pt, else its newest checkpoint). The config is the one saved with the weights; `overrides` may
     change it (a data folder on this machine, say). The weights come from the checkpoint, not train.init_from.
     `device` None: a GPU when the run trained on one and this machine has one, else the CPU."""
-    from robustune.loop import TrainingLoop
-
     path = Path(checkpoint)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -213,9 +203,10 @@ def load_trained(checkpoint: str | Path, overrides: Callable[[dict[str, Any]], d
     config = resolve_config(config_data)
     if device is None:
         device = "cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu"
-    loop = TrainingLoop(config, device=device, log=lambda _: None)
-    loop.load_model_weights(state["model"], source)
+    device = torch.device(device)
+    setup = build_setup(config, rank=0, world_size=1, device=device)  # the defense set up as in training
+    load_weights(setup.model, state["model"], source, config.model_name)
     if defense_state:
-        loop.defense.load_state_dict(defense_state)
-    loop.model.eval()
-    return TrainedModel(config, loop.model, loop.defense, loop.splits, Path(source), loop.device)
+        setup.defense.load_state_dict(defense_state)
+    setup.model.eval()
+    return TrainedModel(config, setup.model, setup.defense, setup.splits, Path(source), device)

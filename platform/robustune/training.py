@@ -88,21 +88,20 @@ def worker_request(run: Run, resume: bool) -> dict[str, Any]:
             "threads": worker_threads(run.config), "resume_path": str(resume_path) if resume_path else None}
 
 
-def local_device(config: Config) -> torch.device:
+def local_device(use_gpu: bool) -> torch.device:
     # Ray hands a process that reserved a GPU exactly that GPU (CUDA_VISIBLE_DEVICES).
-    return torch.device("cuda" if config.resources.use_gpu else "cpu")
+    return torch.device("cuda" if use_gpu else "cpu")
 
 
 def execute_here(run: Run, forward: Callable[[dict[str, Any]], None] | None, resume: bool,
                  log: Callable[[str], None] = write_line) -> None:
     """Run a one-worker run in this process (a Tune trial actor); `forward` receives each epoch's result."""
-    run_worker(worker_request(run, resume), LocalSession(run.path, local_device(run.config), forward), log=log)
+    run_worker(worker_request(run, resume), LocalSession(run.path, local_device(run.config.resources.use_gpu), forward), log=log)
 
 
 def run_one_worker(request: dict[str, Any]) -> None:
     """The Ray task of a one-worker `robustune train` (its process title is ray::run_one_worker)."""
-    config = request["config"]
-    device = torch.device("cuda" if config["resources"]["use_gpu"] else "cpu")
+    device = local_device(request["config"]["resources"]["use_gpu"])
     run_worker(request, LocalSession(Path(request["run_dir"]), device, forward=None))
 
 
