@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -44,22 +45,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_it_answers(process: subprocess.Popen, url: str, name: str, timeout: float = 90) -> subprocess.Popen:
+    """`process` once `url` answers (any HTTP status); fails the test when it exits or stays silent."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, f"{name} exited at start"
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return process
+        except urllib.error.HTTPError:
+            return process  # it answered
+        except OSError:
+            time.sleep(0.3)
+    stop_group(process)
+    pytest.fail(f"{name} did not answer within {timeout:.0f} s")
+
+
 def start_mlflow_server(port: int, store: Path) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination",
          str(store / "mlartifacts")], cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        assert process.poll() is None, "mlflow server exited at start"
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            return process
-        except OSError:
-            time.sleep(0.3)
-    stop_group(process)
-    pytest.fail("mlflow server did not answer within 90 s")
+    return wait_until_it_answers(process, f"http://127.0.0.1:{port}/health", "mlflow server")
 
 
 TRIAL_EPOCH_METRICS = ["train/loss", "train/acc", "train/clean_acc", "val/clean_acc", "val/pgd_acc",

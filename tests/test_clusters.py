@@ -282,3 +282,37 @@ def test_kuberay_keeps_token_auth_on_and_the_head_private(raycluster):
             env = {item["name"]: item.get("value") for item in _containers(template)[0].get("env", [])}
             assert env.get("RAY_AUTH_MODE") == "token" and "RAY_AUTH_TOKEN" in env
     assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+
+
+# --- storage that every node sees --------------------------------------------------------------------
+SHARED_STORAGE = {"aws-gpu.yaml": r"s3://[\w.\-]+/\S*", "gcp-gpu.yaml": r"gs://[\w.\-]+/\S*",
+                  "local.yaml": r"/\S+"}  # on-prem: an absolute path on the NFS export every host mounts
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_STORAGE))
+def test_launcher_config_sets_storage_every_node_sees(name):
+    """The nodes share no disk: ROBUSTUNE_OUTPUT_DIR (next to the MLflow URI) is a bucket or a shared path on
+    every node, never the default ./runs of each node's own disk."""
+    from robustune.storage import location
+
+    prepared = check_launcher_config(load(name))
+    for kind in ("head", "worker"):
+        start = start_command(prepared[f"{kind}_start_ray_commands"])
+        env = start_environment(start, prepared[f"{kind}_setup_commands"])
+        storage = env.get("ROBUSTUNE_OUTPUT_DIR", "")
+        assert re.fullmatch(SHARED_STORAGE[name], storage), f"{name}: {kind} `ray start` has storage {storage!r}"
+        assert str(location(storage)) == storage  # robustune reads it back as the same place
+        assert "MLFLOW_TRACKING_URI" in env
+
+
+def test_kuberay_pods_mount_the_same_storage_and_point_robustune_at_it(raycluster):
+    for template in _pod_templates(raycluster["spec"]):
+        container = _containers(template)[0]
+        env = {item["name"]: item for item in container["env"]}
+        assert env["ROBUSTUNE_OUTPUT_DIR"]["valueFrom"]["configMapKeyRef"]["key"] == "ROBUSTUNE_OUTPUT_DIR"
+        mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+        volumes = {volume["name"]: volume for volume in template["spec"]["volumes"]}
+        assert volumes["robustune-storage"]["persistentVolumeClaim"]["claimName"] == "robustune-storage"
+        assert mounts["robustune-storage"] == "/mnt/robustune"
+    header = (CLUSTERS / "kuberay.yaml").read_text()
+    assert "--from-literal=ROBUSTUNE_OUTPUT_DIR=/mnt/robustune/" in header and "ReadWriteMany" in header

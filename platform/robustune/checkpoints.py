@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import pickle
 import zipfile
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from robustune.storage import Location, ObjectPath, location
 
 CHECKPOINT_FORMAT = "robustune-checkpoint/1"
 STATE_FILE = "state.pt"  # inside each Ray Train checkpoint folder
@@ -47,16 +50,24 @@ def write_failure_message(path: str | Path, error: OSError) -> str:
     if error.errno in DISK_FULL_ERRNOS:
         what = ("the file exceeds the file size limit" if error.errno == errno.EFBIG else "the disk is full")
         return (f"cannot write checkpoint {path}: {what} ({reason}); free space on the file system holding "
-                f"{Path(path).parent} or point tracking.output_dir elsewhere, then continue with --resume "
+                f"{location(path).parent} or point tracking.output_dir elsewhere, then continue with --resume "
                 "(the previous checkpoint is intact)")
     return f"cannot write checkpoint {path}: {reason}"
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+def save_checkpoint(state: dict[str, Any], path: str | Location) -> Location:
     """Write to a temporary file in the same folder, flush it to disk, then rename: a crash or a full disk
     mid-write leaves any previous file at `path` intact and no temporary file behind. A failed write raises
-    CheckpointWriteError naming the path (and saying so when the disk is full)."""
-    path = Path(path)
+    CheckpointWriteError naming the path (and saying so when the disk is full). In an object store: one PUT."""
+    path = location(path)
+    if isinstance(path, ObjectPath):
+        buffer = io.BytesIO()
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+        try:
+            path.write_bytes(buffer.getvalue())
+        except OSError as error:
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {str(error).strip()[:300]}") from error
+        return path
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,15 +89,16 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Location, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a robustune checkpoint (a state file, or a folder holding one) without executing pickled code."""
-    path = Path(path)
+    path = location(path)
     if path.is_dir():
         path = path / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        source = io.BytesIO(path.read_bytes()) if isinstance(path, ObjectPath) else path
+        state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as error:  # garbage bytes can fail torch's unpickler in any way (IndexError, KeyError, ...)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         first_line = first_line.split(". ")[0]  # torch goes on with several sentences of advice
@@ -99,15 +111,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def set_aside_unreadable_checkpoints(run_dir: str | Path, warn: Callable[[str], None]) -> Path | None:
+def set_aside_unreadable_checkpoints(run_dir: str | Location, warn: Callable[[str], None]) -> Location | None:
     """Before a resume: the newest checkpoint folder (epoch_NNN) of `run_dir` that loads. In newer ones that do
     not (truncated, overwritten) the state file is renamed to state.pt.unreadable[-k], with a warning naming it,
     so nothing resumes from it and nothing overwrites it (the folder stays: Ray Train's run snapshot refers to
     it). Raises CheckpointError naming every bad file, and renames nothing, when no checkpoint loads; returns
     None when the run has no checkpoint yet."""
-    run_dir = Path(run_dir)
-    folders = sorted((p for p in run_dir.glob("epoch_*") if (p / STATE_FILE).is_file()), reverse=True)
-    bad: list[tuple[Path, CheckpointError]] = []
+    run_dir = location(run_dir)
+    folders = checkpoint_folders(run_dir)[::-1]
+    bad: list[tuple[Location, CheckpointError]] = []
     for folder in folders:
         try:
             load_checkpoint(folder)
@@ -130,15 +142,20 @@ def set_aside_unreadable_checkpoints(run_dir: str | Path, warn: Callable[[str], 
     return None
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def checkpoint_folders(run_dir: str | Location) -> list[Location]:
+    """A run folder's checkpoint folders (epoch_NNN) that hold a state file, oldest first."""
+    return sorted(p for p in location(run_dir).glob("epoch_*") if (p / STATE_FILE).is_file())
+
+
+def latest_checkpoint(run_dir: str | Location) -> Location | None:
     """The newest Ray Train checkpoint folder (epoch_NNN) of a run folder, or None if it has none yet."""
-    folders = sorted(p for p in Path(run_dir).glob("epoch_*") if (p / STATE_FILE).is_file())
+    folders = checkpoint_folders(run_dir)
     return folders[-1] if folders else None
 
 
-def model_weights_from(path: str | Path) -> dict[str, Any]:
+def model_weights_from(path: str | Location) -> dict[str, Any]:
     """Model weights from a checkpoint file, a checkpoint folder, or a run folder (its latest checkpoint)."""
-    path = Path(path)
+    path = location(path)
     if path.is_dir() and not (path / STATE_FILE).is_file():
         newest = latest_checkpoint(path)
         if newest is None:

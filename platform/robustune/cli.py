@@ -18,7 +18,9 @@ EPILOG_TRAIN = textwrap.dedent("""\
 
     Keys are dotted paths into the config (see --print-config): method.<field>, model.<kwarg>, epsilon,
     seed, data.*, train.*, validation.*, eval.*, resources.*, tracking.*. Epsilon and step sizes accept
-    fractions such as 8/255. Results go to MLflow ($MLFLOW_TRACKING_URI, default ./mlflow.db).
+    fractions such as 8/255. Results go to MLflow ($MLFLOW_TRACKING_URI, default ./mlflow.db); run folders
+    (checkpoints, final.pt, state) to tracking.output_dir ($ROBUSTUNE_OUTPUT_DIR, default ./runs): a folder, a
+    path every node mounts, or an object store (s3://bucket/prefix, gs://bucket/prefix).
 """)
 
 

@@ -248,7 +248,9 @@ class ResourcesConfig:
 class TrackingConfig:
     experiment: str = "robustune"
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    output_dir: str = "runs"  # checkpoints and Ray Train storage, one folder per run
+    # Every run's files (and Ray Train / Tune storage), one folder per run: a local folder, a path every node
+    # mounts, or an object store (s3://bucket/prefix, gs://bucket/prefix). None: $ROBUSTUNE_OUTPUT_DIR, else runs.
+    output_dir: Optional[str] = None
     run_name: Optional[str] = None  # None: <method>-<dataset>-<timestamp>
 
 

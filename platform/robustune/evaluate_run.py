@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from robustune.config import ConfigError, EvalConfig, build_dataclass
+from robustune.storage import Location, check_storage, is_object_store, location
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass
 class Source:
-    checkpoint: Path
-    state_root: Path  # where the evaluation's resumable state and report go
+    checkpoint: Location
+    state_root: Location  # where the evaluation's resumable state and report go
     run_id: str | None
     tracking_uri: str | None
 
@@ -36,7 +37,9 @@ def locate(source: str, tracking_uri: str | None = None) -> Source:
     from robustune import tracking
     from robustune.run import FINAL_MODEL_FILE, RUN_FILE
 
-    path = Path(source)
+    path = location(source)
+    if is_object_store(path):  # an unreachable store or a missing bucket says so, not a traceback
+        check_storage(path.parent)
     if path.is_dir():
         checkpoint = path / FINAL_MODEL_FILE
         if not checkpoint.is_file():
@@ -55,7 +58,7 @@ def locate(source: str, tracking_uri: str | None = None) -> Source:
             raise ConfigError(f"MLflow run {source} not found at {tracking.redact_uri(uri)}: "
                               f"{str(error).splitlines()[0]}") from error
         params = run.data.params
-        folder = Path(params.get("tracking.output_dir", "")) / params.get("tracking.run_name", "")
+        folder = location(params.get("tracking.output_dir") or ".") / params.get("tracking.run_name", "")
         if (folder / FINAL_MODEL_FILE).is_file():
             return Source(folder / FINAL_MODEL_FILE, folder, source, uri)
         cache = Path(tempfile.gettempdir()) / "robustune-eval" / source
@@ -66,6 +69,8 @@ def locate(source: str, tracking_uri: str | None = None) -> Source:
             raise ConfigError(f"MLflow run {source} has no checkpoint/{FINAL_MODEL_FILE} artifact and its run "
                               f"folder {folder} is not on this machine") from error
         return Source(Path(downloaded), cache, source, uri)
+    if is_object_store(source):
+        raise ConfigError(f"{source} holds nothing: pass a finished run folder or final.pt in the storage")
     raise ConfigError(f"{source!r} is neither a run folder, a checkpoint file nor an MLflow run id "
                       "(32 hex characters)")
 

@@ -28,20 +28,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from robustune.attacks import pgd
 from robustune.config import EvalConfig
+from robustune.storage import Location, location, write_atomic
 
 __all__ = ["Protocol", "resolve_protocol", "FAST_ATTACKS", "STANDARD_ATTACKS", "evaluate", "format_report",
            "build_autoattack"]
@@ -183,11 +182,9 @@ def _digest(named_tensors) -> str:
     return h.hexdigest()
 
 
-def _save_json(path: Path, data: dict) -> None:
+def _save_json(path: Location, data: dict) -> None:
     """Write atomically, so an interruption mid-write leaves the previous state intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data).encode())
 
 
 # ----------------------------------------------------------------------------------------- phases
@@ -228,7 +225,8 @@ def attack_chunks(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tensor,
     aa_logger.addHandler(handler)
     aa_logger.setLevel(logging.WARNING)
     aa_logger.propagate = False  # its warnings go to the report, not to stderr
-    folder = Path(state_dir) / STATE_FOLDER if state_dir is not None else None
+    # In the storage (state_dir arrives as text: a path or a URI), so a shard on any node resumes it.
+    folder = location(state_dir) / STATE_FOLDER if state_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     results, resumed = {}, 0
@@ -281,7 +279,7 @@ def attack_chunks(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tensor,
     return {"flags": results, "messages": messages, "resumed": resumed}
 
 
-def _load_chunk(path: Path, fingerprint: dict, log: Callable[[str], None]) -> tuple[Tensor, list[str]] | None:
+def _load_chunk(path: Location, fingerprint: dict, log: Callable[[str], None]) -> tuple[Tensor, list[str]] | None:
     """A chunk's saved flags and finished attacks if they belong to this evaluation, else None."""
     if not path.exists():
         return None
@@ -312,7 +310,7 @@ def _write_line(text: str) -> None:
 
 def _run_autoattack(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tensor, *, epsilon: float,
                     attacks: list[str], n_classes: int, batch_size: int, device: torch.device, seed: int,
-                    state_dir: Path | None, workers: int, log: Callable[[str], None]) -> tuple[Tensor, list[str], int]:
+                    state_dir: Location | None, workers: int, log: Callable[[str], None]) -> tuple[Tensor, list[str], int]:
     """Robust flags after every attack, pyautoattack's messages, and how many chunks were resumed."""
     chunks = list(_batches(x.shape[0], batch_size))
     kwargs = dict(epsilon=epsilon, attacks=attacks, n_classes=n_classes, seed=seed,
@@ -409,7 +407,7 @@ def _masking_checks(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tenso
 
 # --------------------------------------------------------------------------------------------- API
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon: float, config: EvalConfig,
-             device: torch.device | str = "cpu", seed: int = 0, state_dir: Path | None = None,
+             device: torch.device | str = "cpu", seed: int = 0, state_dir: Location | None = None,
              log: Callable[[str], None] = print) -> dict:
     """Accuracy of `model` on (images, labels) under the protocol `config.protocol`, with masking checks.
 
@@ -558,7 +556,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_deployed(model, defense, test, *, epsilon: float, eval_config, device, seed: int, state_dir: Path,
+def evaluate_deployed(model, defense, test, *, epsilon: float, eval_config, device, seed: int, state_dir: Location,
                       log: Callable[[str], None]) -> dict[str, Any]:
     """Evaluate what the defense deploys (its test-time step included); then the bare classifier if they differ."""
     test_images = test.images.float().div(255)
@@ -571,5 +569,6 @@ def evaluate_deployed(model, defense, test, *, epsilon: float, eval_config, devi
                                       "model every attack saw")
         log("evaluating the bare classifier (without the test-time step)")
         report["bare_classifier"] = evaluate(model, test_images, test.labels, epsilon=epsilon, config=eval_config,
-                                             device=device, seed=seed, state_dir=Path(state_dir) / "bare", log=log)
+                                             device=device, seed=seed, state_dir=location(state_dir) / "bare",
+                                             log=log)
     return report

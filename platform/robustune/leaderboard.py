@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
+from robustune.storage import Location, location, read_parquet, staging
 from robustune.study_state import StudyState, find_study_dir
 
 FOLDER = "leaderboard"
@@ -28,19 +29,18 @@ def _mean_spread(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def search_compute(search_dir: Path) -> tuple[int, float]:
+def search_compute(search_dir: str | Location) -> tuple[int, float]:
     """Trials and worker-seconds inside their training epochs, from the search's results.parquet."""
-    import pyarrow.parquet as pq
-
+    search_dir = location(search_dir)
     path = search_dir / "results.parquet"
     if not path.is_file():
         return 0, 0.0
-    rows = pq.read_table(path).to_pylist()
+    rows = read_parquet(path).to_pylist()
     workers = json.loads((search_dir / "search.json").read_text())["base"]["resources"]["num_workers"]
     return len(rows), sum(float(r.get("epochs_s") or 0.0) for r in rows) * workers
 
 
-def collect_rows(study_dir: Path) -> tuple[list[dict[str, Any]], StudyState]:
+def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]:
     from robustune import tracking
 
     state = StudyState.load(study_dir)
@@ -69,7 +69,7 @@ def collect_rows(study_dir: Path) -> tuple[list[dict[str, Any]], StudyState]:
                 warnings.append(f"seed {record.seed}: {run.data.tags['eval/warning']}")
             protocols.add(run.data.tags.get("eval/protocol", "?"))
         search = state.searches.get(entry.label)
-        trials, search_s = search_compute(Path(search.search_dir)) if search else (0, 0.0)
+        trials, search_s = search_compute(search.search_dir) if search else (0, 0.0)
         row: dict[str, Any] = {
             "defense": entry.label, "method": entry.defense, "tuned": entry.tune,
             "tuned_knobs": (", ".join(f"{k}={_short(v)}" for k, v in sorted(search.best_params.items()))
@@ -178,7 +178,7 @@ def plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[Path]:
     return paths
 
 
-def build(study_dir: str | Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def build(study_dir: str | Location, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Build, write, print and log the leaderboard of the study in `study_dir`."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -186,7 +186,7 @@ def build(study_dir: str | Path, log: Callable[[str], None] = print) -> list[dic
 
     from robustune import tracking
 
-    study_dir = Path(study_dir)
+    study_dir = location(study_dir)
     rows, state = collect_rows(study_dir)
     study = state.study
     head = headline(rows, study.featured)
@@ -198,16 +198,16 @@ def build(study_dir: str | Path, log: Callable[[str], None] = print) -> list[dic
              "Compute: worker-seconds inside training epochs (validation included). A defense warm-started from "
              "another (init_from) includes that one's total. Searches ran on validation data only."]
     folder = study_dir / FOLDER
-    folder.mkdir(exist_ok=True)
     table = pa.table({key: [r[key] for r in rows] for key in rows[0]}) if rows else pa.table({})
-    pq.write_table(table, folder / "leaderboard.parquet")
-    pacsv.write_csv(table, folder / "leaderboard.csv")
     text = markdown(rows, f"Leaderboard: {study.name}", head, notes)
-    (folder / "leaderboard.md").write_text(text)
-    images = plots(rows, folder, f"{study.name}: {head.split(';')[0]}")
     uri, parent = state.tracking_uri, state.parent_run_id
-    for path in [folder / "leaderboard.md", folder / "leaderboard.csv", folder / "leaderboard.parquet", *images]:
-        tracking.log_file(uri, parent, path, FOLDER)
+    with staging(folder) as local:  # written here, then (object store) uploaded to the study folder
+        pq.write_table(table, local / "leaderboard.parquet")
+        pacsv.write_csv(table, local / "leaderboard.csv")
+        (local / "leaderboard.md").write_text(text)
+        images = plots(rows, local, f"{study.name}: {head.split(';')[0]}")
+        for path in [local / "leaderboard.md", local / "leaderboard.csv", local / "leaderboard.parquet", *images]:
+            tracking.log_file(uri, parent, path, FOLDER)
     tracking.set_tag(uri, parent, "headline", head[:5000])
     log(text)
     log(f"leaderboard written to {folder} (Markdown, CSV, Parquet, 2 plots) and logged to MLflow run {parent}")
@@ -229,7 +229,8 @@ def add_parser(commands) -> None:
               robustune report runs/study-default-20261121-101500
             """), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", nargs="?", help="study folder, study run name, or study name (default: newest)")
-    parser.add_argument("--output-dir", default="runs", help="where studies are looked up (default runs)")
+    parser.add_argument("--output-dir", help="where studies are looked up: a folder or an object-store URI "
+                                             "(default $ROBUSTUNE_OUTPUT_DIR, else runs)")
 
 
 def command(args: argparse.Namespace) -> int:

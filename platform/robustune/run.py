@@ -1,7 +1,7 @@
 """One training run's lifecycle: its folder and files, create / open / resume, and "the model and defense of
 this run". Training, search trials, study runs, `robustune evaluate` and EAE's calibration all go through it.
 
-    <tracking.output_dir>/<run name>/
+    <tracking.output_dir>/<run name>/   (a local or shared folder, or an object-store prefix: robustune.storage)
         run.json              MLflow run id, tracking URI, run name (what --resume needs)
         config.yaml           the resolved config (with the real tracking URI: --resume needs it)
         epoch_NNN/state.pt    the two newest checkpoints (model, optimizer, defense, history, best weights)
@@ -16,7 +16,6 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -30,6 +29,7 @@ from robustune.config import Config, ConfigError
 from robustune.resolve import resolve_config
 from robustune.defense import Defense
 from robustune.loop import build_model, build_setup, load_weights
+from robustune.storage import Location, location, output_root, write_atomic
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -43,9 +43,9 @@ def new_run_name(config: Config) -> str:
 
 @dataclass
 class Run:
-    """A run folder and its MLflow run."""
+    """A run folder (in the storage: a local path or an object-store location) and its MLflow run."""
 
-    path: Path
+    path: Location
     config: Config
     run_id: str
 
@@ -59,19 +59,21 @@ class Run:
 
     # ------------------------------------------------------------------------------ create / open
     @staticmethod
-    def exists(path: str | Path) -> bool:
-        return (Path(path) / RUN_FILE).is_file()
+    def exists(path: str | Location) -> bool:
+        return (location(path) / RUN_FILE).is_file()
 
     @classmethod
     def create(cls, config: Config, *, extra_tags: dict[str, str] | None = None,
                parent_run_id: str | None = None) -> Run:
         """Fix the places (absolute tracking URI and output folder), create the MLflow run and the run folder."""
         config.tracking.tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
-        config.tracking.output_dir = str(Path(config.tracking.output_dir).resolve())
+        root = output_root(config.tracking.output_dir)
+        config.tracking.output_dir = str(root)
         run_name = config.tracking.run_name or new_run_name(config)
-        path = Path(config.tracking.output_dir) / run_name
+        path = root / run_name
         # A folder with nothing but a config is what a process killed while creating this run left: take it over.
-        if path.exists() and {p.name for p in path.iterdir()} - {CONFIG_FILE, RUN_FILE + ".tmp"}:
+        if path.exists() and {p.name for p in path.iterdir()
+                              if not p.name.startswith(f".{RUN_FILE}.tmp")} - {CONFIG_FILE}:
             raise ConfigError(f"run folder {path} already exists; choose another tracking.run_name, "
                               f"or continue it with --resume {path}")
         config.tracking.run_name = run_name
@@ -80,16 +82,14 @@ class Run:
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         # run.json last, whole or not at all: it is what makes the folder a run.
-        tmp = path / (RUN_FILE + ".tmp")
-        tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": config.tracking.tracking_uri,
-                                   "run_name": run_name}))
-        tmp.replace(path / RUN_FILE)
+        write_atomic(path / RUN_FILE, json.dumps({"run_id": run_id, "tracking_uri": config.tracking.tracking_uri,
+                                                  "run_name": run_name}).encode())
         return cls(path, config, run_id)
 
     @classmethod
-    def open(cls, path: str | Path) -> Run:
+    def open(cls, path: str | Location) -> Run:
         """The config and MLflow run of an existing run folder (for --resume)."""
-        path = Path(path).resolve()
+        path = location(path).resolve()
         if not (path / RUN_FILE).is_file() or not (path / CONFIG_FILE).is_file():
             raise ConfigError(f"--resume {path}: not a robustune run folder (no {RUN_FILE} / {CONFIG_FILE}); "
                               "pass the folder `robustune train` printed at its start")
@@ -104,15 +104,15 @@ class Run:
         tracking.check_server(self.tracking_uri)
         tracking.use_outbox(self.run_id, self.path)
         if tracking.read_outbox(self.path):  # records kept while the server was away go first
-            log(f"sent {tracking.replay_outbox(self.path)} MLflow records queued in {self.path / tracking.OUTBOX_FILE}")
+            log(f"sent {tracking.replay_outbox(self.path)} MLflow records queued in {tracking.outbox_path(self.path)}")
 
     # ------------------------------------------------------------------------------------ files
     @property
-    def report_path(self) -> Path:
+    def report_path(self) -> Location:
         return self.path / REPORT_FILE
 
     @property
-    def final_model_path(self) -> Path:
+    def final_model_path(self) -> Location:
         return self.path / FINAL_MODEL_FILE
 
     @property
@@ -124,28 +124,26 @@ class Run:
         return json.loads(self.report_path.read_text())
 
     def write_report(self, report: dict[str, Any]) -> None:
-        tmp = self.report_path.with_name(REPORT_FILE + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(self.report_path)
+        write_atomic(self.report_path, json.dumps(report, indent=2).encode())
 
-    def latest_checkpoint(self) -> Path | None:
+    def latest_checkpoint(self) -> Location | None:
         return latest_checkpoint(self.path)
 
 
-def finished_report(path: str | Path) -> dict[str, Any] | None:
+def finished_report(path: str | Location) -> dict[str, Any] | None:
     """The report of a finished run folder, or None while it has none (not started, running, failed)."""
-    report = Path(path) / REPORT_FILE
+    report = location(path) / REPORT_FILE
     return json.loads(report.read_text()) if report.is_file() else None
 
 
-def run_id_of(path: str | Path) -> str | None:
+def run_id_of(path: str | Location) -> str | None:
     """The MLflow run id of a run folder, or None when it has not been created yet."""
-    run_file = Path(path) / RUN_FILE
+    run_file = location(path) / RUN_FILE
     return json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
 
 
 # ------------------------------------------------------------------------------- the model of a run
-def check_weights_sources(config: Config, run_dir: Path | None = None) -> None:
+def check_weights_sources(config: Config, run_dir: Location | None = None) -> None:
     """Before any work: the warm-start weights (train.init_from) and, for a resume, the run's newest checkpoint
     must load safely and fit the configured model (CheckpointError naming the file and the keys otherwise)."""
     sources = [config.train.init_from] if config.train.init_from else []
@@ -167,17 +165,17 @@ class TrainedModel:
     model: nn.Module
     defense: Defense
     splits: Any  # the run's data (DataSplits: train, val, test)
-    checkpoint: Path
+    checkpoint: Location
     device: torch.device
 
 
-def load_trained(checkpoint: str | Path, overrides: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+def load_trained(checkpoint: str | Location, overrides: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  device: torch.device | str | None = None) -> TrainedModel:
     """The model and defense of a run from its final.pt, a checkpoint folder (epoch_NNN) or a run folder (its
     final.pt, else its newest checkpoint). The config is the one saved with the weights; `overrides` may
     change it (a data folder on this machine, say). The weights come from the checkpoint, not train.init_from.
     `device` None: a GPU when the run trained on one and this machine has one, else the CPU."""
-    path = Path(checkpoint)
+    path = location(checkpoint)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     defense_state = None
@@ -209,4 +207,4 @@ def load_trained(checkpoint: str | Path, overrides: Callable[[dict[str, Any]], d
     if defense_state:
         setup.defense.load_state_dict(defense_state)
     setup.model.eval()
-    return TrainedModel(config, setup.model, setup.defense, setup.splits, Path(source), device)
+    return TrainedModel(config, setup.model, setup.defense, setup.splits, location(source), device)

@@ -32,6 +32,7 @@ from robustune.config import ConfigError, apply_override, merge
 from robustune.resolve import resolve_config
 from robustune.search_space import Distribution, check_samples_resolve, load_space
 from robustune.run import run_id_of
+from robustune.storage import Location, location, output_root, ray_storage, write_parquet
 from robustune.trials import (CLEAN_METRIC, ROBUST_METRIC, TrialOutcomes, TrialPlan, TrialRun, first_error_line,
                               trainable, tune_failures)
 
@@ -91,7 +92,7 @@ class SearchPlan(TrialPlan):
     min_clean: float | None = None
 
     def trial_run(self, params: dict[str, Any], trial_id: str) -> TrialRun:
-        trials_dir = Path(self.search_dir) / "trials"
+        trials_dir = location(self.search_dir) / "trials"
         run_dir = trials_dir / f"trial-{trial_id}"
         data = self.base
         for key, value in params.items():
@@ -101,8 +102,8 @@ class SearchPlan(TrialPlan):
         return TrialRun(run_dir, data, self.parent_run_id,
                         {"search": self.search_name, "search_trial_id": trial_id})
 
-    def run_dir(self, params: dict[str, Any], trial_id: str) -> Path:
-        return Path(self.search_dir) / "trials" / f"trial-{trial_id}"
+    def run_dir(self, params: dict[str, Any], trial_id: str) -> Location:
+        return location(self.search_dir) / "trials" / f"trial-{trial_id}"
 
 
 class ComputeBudget(Stopper):
@@ -189,7 +190,7 @@ def format_params(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
 
 
-def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: dict[str, Any], search_dir: Path,
+def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: dict[str, Any], search_dir: Location,
                 parent_run_id: str, search_name: str, log: Callable[[str], None], restore: bool,
                 budget: ComputeBudget, callbacks: list | None = None):
     import optuna
@@ -203,12 +204,13 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
     config = resolve_config(base)
     trial_trainable = trainable(plan, config)
     outcomes = TrialOutcomes(plan, config.tracking.tracking_uri, budget.stop_reason)
-    run_config = tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=0, stop=budget,
+    run_config = tune.RunConfig(name="tune", **ray_storage(search_dir), verbose=0, stop=budget,
                                 callbacks=[ProgressPrinter(settings.samples), outcomes, *(callbacks or [])],
                                 failure_config=tune.FailureConfig(max_failures=tune_failures(config)))
     if restore:
-        return tune.Tuner.restore(str(search_dir / "tune"), trial_trainable, resume_unfinished=True,
-                                  resume_errored=False)
+        where = ray_storage(search_dir / "tune")
+        return tune.Tuner.restore(where.pop("storage_path"), trial_trainable, resume_unfinished=True,
+                                  resume_errored=False, **where)
 
     if settings.objective == "pareto":
         metric, mode = ["objective", CLEAN_METRIC], ["max", "max"]
@@ -270,6 +272,7 @@ def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Calla
     from robustune import tracking
     from robustune.data import check_available
     from robustune.cluster import check_cluster_fits, ensure_ray, share_cpus
+    from robustune.storage import check_nodes_see, check_storage
 
     settings.check()
     base_data = merge(base_data, {"method": {"name": settings.defense}})
@@ -284,9 +287,11 @@ def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Calla
     check_available(base.data.name, base.data.data_dir, base.data.download)
 
     base.tracking.tracking_uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
-    base.tracking.output_dir = str(Path(base.tracking.output_dir).resolve())
+    root = output_root(base.tracking.output_dir)
+    check_storage(root)  # an object store that does not answer, or has no such bucket, before Ray starts
+    base.tracking.output_dir = str(root)
     search_name = base.tracking.run_name or f"search-{settings.defense}-{time.strftime('%Y%m%d-%H%M%S')}"
-    search_dir = Path(base.tracking.output_dir) / search_name
+    search_dir = root / search_name
     if search_dir.exists():
         raise ConfigError(f"search folder {search_dir} already exists; continue it with --resume {search_dir}")
     base.tracking.run_name = None
@@ -295,6 +300,7 @@ def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Calla
     ensure_ray()
     settings.max_concurrent = share_cpus(base, settings.max_concurrent)
     check_cluster_fits(base)  # before the parent run exists: a run that can never start is refused now
+    check_nodes_see(root)
     parent_run_id = tracking.create_run(base, search_name, parent_run_id=parent_run_id,
                                         extra_tags={"kind": "search", "search": search_name, **(extra_tags or {})})
     tracking.log_params(uri, run_id=parent_run_id,
@@ -313,22 +319,32 @@ def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Calla
     return _run(search_dir, log, restore=False, refit=refit, callbacks=callbacks)
 
 
-def resume_search(search_dir: str | Path, log: Callable[[str], None] = print, refit: bool = False) -> dict[str, Any]:
+def resume_search(search_dir: str | Location, log: Callable[[str], None] = print,
+                  refit: bool = False) -> dict[str, Any]:
+    from ray import tune
+
     from robustune import tracking
     from robustune.cluster import ensure_ray
+    from robustune.storage import check_nodes_see, check_storage
 
-    search_dir = Path(search_dir).resolve()
-    if not (search_dir / SEARCH_FILE).is_file() or not (search_dir / "tune").is_dir():
-        raise ConfigError(f"--resume {search_dir}: not a robustune search folder (no {SEARCH_FILE} or tune/); "
+    search_dir = location(search_dir).resolve()
+    check_storage(search_dir.parent)
+    if not (search_dir / SEARCH_FILE).is_file():
+        raise ConfigError(f"--resume {search_dir}: not a robustune search folder (no {SEARCH_FILE}); "
                           "pass the folder `robustune search` printed at its start")
-    state = json.loads((search_dir / SEARCH_FILE).read_text())
     ensure_ray()
+    check_nodes_see(search_dir.parent)
+    state = json.loads((search_dir / SEARCH_FILE).read_text())
     tracking.set_status(state["base"]["tracking"]["tracking_uri"], state["parent_run_id"], "RUNNING")
     log(f"resuming search {state['search_name']} (MLflow parent run {state['parent_run_id']})")
-    return _run(search_dir, log, restore=True, refit=refit)
+    where = ray_storage(search_dir / "tune")
+    restore = tune.Tuner.can_restore(where.pop("storage_path"), **where)
+    if not restore:  # interrupted before Tune first saved its state: the trials start over
+        log(f"search {state['search_name']}: Tune saved no state before the interruption; starting its trials")
+    return _run(search_dir, log, restore=restore, refit=refit)
 
 
-def _run(search_dir: Path, log: Callable[[str], None], restore: bool, refit: bool,
+def _run(search_dir: Location, log: Callable[[str], None], restore: bool, refit: bool,
          callbacks: list | None = None) -> dict[str, Any]:
     from robustune import tracking
 
@@ -377,7 +393,7 @@ def _run(search_dir: Path, log: Callable[[str], None], restore: bool, refit: boo
 
 
 def collect_results(results, settings: SearchSettings, base: dict[str, Any], space: dict[str, Distribution],
-                    search_dir: Path, budget: ComputeBudget) -> list[dict[str, Any]]:
+                    search_dir: Location, budget: ComputeBudget) -> list[dict[str, Any]]:
     """One row per trial: knobs, final and best validation metrics, epochs, stop reason, time, compute. The
     status is the one its MLflow run ended with (`TrialOutcomes` set it when the trial ended)."""
     from robustune import tracking
@@ -432,7 +448,7 @@ def end_orphaned_trials(uri: str, parent_run_id: str, trial_ids: set[str], log: 
                 f"is not part of the resumed search: its MLflow run {run.info.run_id} ends KILLED (interrupted)")
 
 
-def _child_run(mlflow_client, search_dir: Path, trial_id: str | None):
+def _child_run(mlflow_client, search_dir: Location, trial_id: str | None):
     run_id = run_id_of(search_dir / "trials" / f"trial-{trial_id}") if trial_id else None
     return mlflow_client.get_run(run_id) if run_id else None
 
@@ -445,13 +461,12 @@ def _float(value: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
-def write_results(rows: list[dict[str, Any]], path: Path) -> None:
+def write_results(rows: list[dict[str, Any]], path: Location) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     columns = sorted({key for row in rows for key in row}, key=lambda k: (not k.startswith(("trial", "status")), k))
     table = pa.table({c: [_plain(row.get(c)) for row in rows] for c in columns})
-    pq.write_table(table, path)
+    write_parquet(table, path)
 
 
 def _plain(value: Any) -> Any:
@@ -523,7 +538,7 @@ def refit_best(summary: dict[str, Any], log: Callable[[str], None]) -> dict[str,
     data = merge(summary["best_config"], {"data": {"val_size": 0}, "eval": {"enabled": True},
                                           "train": {"epochs": summary["refit_epochs"]},
                                           "tracking": {"run_name": None}})
-    data = apply_override(data, ["tracking", "output_dir"], str(Path(summary["search_dir"]) / "refit"))
+    data = apply_override(data, ["tracking", "output_dir"], str(location(summary["search_dir"]) / "refit"))
     log(f"refit: training the best config on training + validation data for {data['train']['epochs']} epochs")
     outcome = run_training(resolve_config(data), log=log, extra_tags={"kind": "refit",
                                                                        "search_run_id": summary["parent_run_id"]})

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from robustune.config import Config, ConfigError
+from robustune.storage import location
 
 DISTRIBUTION_FIELDS = {
     "uniform": {"low", "high"},
@@ -147,7 +148,7 @@ def parse_space(data: Any, source: str, defense: str) -> dict[str, Distribution]
 
 def load_space(defense: str, path: str | Path | None = None) -> dict[str, Distribution]:
     """The defense's shipped space, or the file `path`."""
-    path = Path(path) if path else default_space_path(defense)
+    path = location(path) if path else default_space_path(defense)
     if not path.is_file():
         raise ConfigError(f"search space {path} does not exist"
                           + ("" if path != default_space_path(defense) else

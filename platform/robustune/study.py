@@ -49,6 +49,7 @@ from robustune.resolve import resolve_config
 from robustune.study_state import (DEFINITION_FILE, Entry, RunRecord, SearchRecord, Study, StudyState,
                                    is_study_dir)
 from robustune.run import FINAL_MODEL_FILE, finished_report, run_id_of
+from robustune.storage import Location, check_nodes_see, check_storage, location, output_root, ray_storage
 from robustune.trials import TrialOutcomes, TrialPlan, TrialRun, trainable, tune_failures
 
 STUDY_KEYS = {"name", "description", "dataset", "model", "epsilon", "epochs", "seeds", "base", "evaluation",
@@ -200,20 +201,22 @@ def _space_path(entry: Entry, study: Study) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- running
-def start_study(study: Study, log: Callable[[str], None] = print) -> Path:
+def start_study(study: Study, log: Callable[[str], None] = print) -> Location:
     """Create the study folder and its MLflow parent run, then run every stage."""
     from robustune import tracking
     from robustune.cluster import check_cluster_fits, ensure_ray, share_cpus
 
     config = resolve_config(study.base)
     uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
-    output_dir = Path(config.tracking.output_dir).resolve()
+    output_dir = output_root(config.tracking.output_dir)
+    check_storage(output_dir)  # an object store that does not answer, or has no such bucket, before Ray starts
     instance = f"study-{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     study_dir = output_dir / instance
     if study_dir.exists():
         raise ConfigError(f"study folder {study_dir} already exists; continue it with --resume {study_dir}")
     ensure_ray()
     check_cluster_fits(config)  # every run of the study has the base's resources
+    check_nodes_see(output_dir)
     # Runs at once, and CPUs per worker so that many fit: fixed now, so a resumed study places runs alike.
     slots = share_cpus(config, study.max_concurrent)
     study.base = apply_override(study.base, ["resources", "cpus_per_worker"], config.resources.cpus_per_worker)
@@ -233,22 +236,24 @@ def start_study(study: Study, log: Callable[[str], None] = print) -> Path:
     return run_stages(study_dir, log)
 
 
-def resume_study(study_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+def resume_study(study_dir: str | Location, log: Callable[[str], None] = print) -> Location:
     from robustune import tracking
     from robustune.cluster import ensure_ray
 
-    study_dir = Path(study_dir).resolve()
+    study_dir = location(study_dir).resolve()
+    check_storage(study_dir.parent)
     if not is_study_dir(study_dir):
         raise ConfigError(f"--resume {study_dir}: not a robustune study folder (no study.json); pass the folder "
                           "`robustune study` printed at its start")
-    state = StudyState.load(study_dir)
     ensure_ray()
+    check_nodes_see(study_dir.parent)
+    state = StudyState.load(study_dir)
     tracking.set_status(state.tracking_uri, state.parent_run_id, "RUNNING")
     log(f"resuming study {state.instance} (MLflow parent run {state.parent_run_id})")
     return run_stages(study_dir, log)
 
 
-def run_stages(study_dir: Path, log: Callable[[str], None]) -> Path:
+def run_stages(study_dir: Location, log: Callable[[str], None]) -> Location:
     from robustune import leaderboard, tracking
 
     started = time.time()
@@ -287,7 +292,10 @@ def run_stages(study_dir: Path, log: Callable[[str], None]) -> Path:
     log(f"  utilization {usage['utilization']:.0%}: {usage['busy_s']:.0f} busy worker-seconds (training epochs "
         f"{usage['training_s']:.0f}, search trials {usage['search_s']:.0f}, evaluation {usage['evaluation_s']:.0f}) "
         f"of {state.wall_s:.0f}s x {state.slots} slot(s)")
-    log(f"  see it with: mlflow ui --backend-store-uri {tracking.redact_uri(uri)}   (then open http://127.0.0.1:5000)")
+    if uri.startswith(("http://", "https://")):  # a tracking server shows it itself
+        log(f"  see it at: {tracking.redact_uri(uri)}")
+    else:
+        log(f"  see it with: mlflow ui --backend-store-uri {tracking.redact_uri(uri)}   (then open http://127.0.0.1:5000)")
     return study_dir
 
 
@@ -299,14 +307,14 @@ def utilization(state: StudyState) -> dict[str, float]:
 
     workers = resolve_config(state.study.base).resources.num_workers
     training_s = sum(r.training["train_seconds"] * workers for r in state.runs.values() if r.training)
-    search_s = sum(search_compute(Path(s.search_dir))[1] for s in state.searches.values())
+    search_s = sum(search_compute(s.search_dir)[1] for s in state.searches.values())
     evaluation_s = sum((r.evaluation_s or 0.0) * state.slots for r in state.runs.values())
     busy = training_s + search_s + evaluation_s
     return {"utilization": busy / max(state.wall_s * state.slots, 1e-9), "busy_s": busy, "training_s": training_s,
             "search_s": search_s, "evaluation_s": evaluation_s}
 
 
-def _final_run_dir(state: StudyState, entry: Entry, seed: int) -> Path:
+def _final_run_dir(state: StudyState, entry: Entry, seed: int) -> Location:
     return state.path / "runs" / f"{entry.slug}-seed{seed}"
 
 
@@ -387,7 +395,7 @@ def run_many(plan: StudyPlan, state: StudyState, log: Callable[[str], None]) -> 
     tuner = tune.Tuner(trainable(plan, config), param_space={"index": tune.grid_search(list(range(len(plan.runs))))},
                        tune_config=tune.TuneConfig(max_concurrent_trials=state.slots, reuse_actors=True),
                        run_config=tune.RunConfig(name=f"runs-{time.strftime('%H%M%S')}",
-                                                 storage_path=str(state.path / "tune"), verbose=0,
+                                                 **ray_storage(state.path / "tune"), verbose=0,
                                                  callbacks=[RunProgress(plan.labels),
                                                             TrialOutcomes(plan, state.tracking_uri)],
                                                  failure_config=tune.FailureConfig(max_failures=tune_failures(config))))
@@ -447,5 +455,5 @@ def _evaluate_final_runs(state: StudyState, log: Callable[[str], None]) -> None:
         started = time.time()
         record.evaluation = evaluate_run(record.run_dir, state.study.evaluation, log=log)
         record.evaluation_s = time.time() - started
-        record.evaluation_file = str(Path(record.run_dir) / f"eval-{protocol}" / "report.json")
+        record.evaluation_file = str(location(record.run_dir) / f"eval-{protocol}" / "report.json")
         state.save()

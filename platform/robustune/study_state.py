@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from robustune.config import apply_override, merge
+from robustune.storage import Location, location, output_root, write_atomic
 
 STUDY_FILE = "study.json"
 DEFINITION_FILE = "study.yaml"
@@ -94,7 +94,7 @@ class SearchRecord:
 class StudyState:
     """Everything a study knows about itself; `save()` after every step."""
 
-    path: Path  # the study folder
+    path: Location  # the study folder (a local or shared path, or an object-store location)
     instance: str
     study: Study
     parent_run_id: str
@@ -107,8 +107,8 @@ class StudyState:
     searches: dict[str, SearchRecord] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path) -> StudyState:
-        path = Path(path)
+    def load(cls, path: str | Location) -> StudyState:
+        path = location(path)
         data = json.loads((path / STUDY_FILE).read_text())
         return cls(path=path, instance=data["instance"], study=Study.from_dict(data["study"]),
                    parent_run_id=data["parent_run_id"], tracking_uri=data["tracking_uri"],
@@ -119,30 +119,29 @@ class StudyState:
 
     def save(self) -> None:
         data = {k: v for k, v in asdict(self).items() if k != "path"}
-        tmp = self.path / (STUDY_FILE + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        tmp.replace(self.path / STUDY_FILE)
+        write_atomic(self.path / STUDY_FILE, json.dumps(data, indent=2, default=str).encode())
 
     def runs_of(self, label: str) -> list[RunRecord]:
         return [r for r in self.runs.values() if r.label == label]
 
 
-def is_study_dir(path: str | Path) -> bool:
-    return (Path(path) / STUDY_FILE).is_file()
+def is_study_dir(path: str | Location) -> bool:
+    return (location(path) / STUDY_FILE).is_file()
 
 
-def find_study_dir(name_or_dir: str | None, output_dir: str = "runs") -> Path:
+def find_study_dir(name_or_dir: str | None, output_dir: str | None = None) -> Location:
     """A study folder given as a path, as a study instance or study name (the newest), or the newest of all."""
     from robustune.config import ConfigError
 
     if name_or_dir and is_study_dir(name_or_dir):
-        return Path(name_or_dir).resolve()
-    states = sorted((StudyState.load(p.parent) for p in Path(output_dir).glob(f"study-*/{STUDY_FILE}")),
+        return location(name_or_dir).resolve()
+    root = output_root(output_dir)
+    states = sorted((StudyState.load(p.parent) for p in root.glob(f"study-*/{STUDY_FILE}")),
                     key=lambda s: s.started)
     if name_or_dir:
         states = [s for s in states if s.path.name == name_or_dir or s.study.name == name_or_dir]
     if not states:
         what = f"named {name_or_dir!r} " if name_or_dir else ""
-        raise ConfigError(f"no study {what}under {Path(output_dir).resolve()}: pass a study folder "
+        raise ConfigError(f"no study {what}under {root}: pass a study folder "
                           "(printed by `robustune study`) or run `robustune study` first")
     return states[-1].path.resolve()

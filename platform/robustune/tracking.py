@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import yaml
 
+from robustune import storage
 from robustune.config import Config, ConfigError, flatten
 
 DEFAULT_STORE = "mlflow.db"  # in the working directory, where `mlflow ui` looks by default
@@ -173,16 +174,22 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
 _OUTBOXES: dict[str, Path] = {}  # run id -> its run folder's outbox, in this process
 
 
+def outbox_path(run_dir: str | Path) -> Path:
+    """A run's outbox: RUN_DIR/mlflow_outbox.jsonl, or a folder on this node's disk when the run folder is in
+    an object store (which cannot append)."""
+    return storage.node_local(storage.location(run_dir)) / OUTBOX_FILE
+
+
 def use_outbox(run_id: str, run_dir: str | Path) -> Path:
-    """From now on, writes for `run_id` that cannot reach the tracking server go to RUN_DIR/mlflow_outbox.jsonl."""
-    path = Path(run_dir) / OUTBOX_FILE
+    """From now on, writes for `run_id` that cannot reach the tracking server go to the run's outbox."""
+    path = outbox_path(run_dir)
     _OUTBOXES[run_id] = path
     return path
 
 
 def read_outbox(run_dir: str | Path) -> list[dict[str, Any]]:
     """The queued records of a run folder, oldest first (a line cut short by a crash is skipped)."""
-    path = Path(run_dir) / OUTBOX_FILE
+    path = outbox_path(run_dir)
     if not path.is_file():
         return []
     records = []
@@ -229,6 +236,7 @@ def _append(outbox: Path, record: dict[str, Any]) -> None:
             shutil.copy2(source, copy)
             record = {**record, "path": str(copy)}
     # One O_APPEND write per record: lines from the driver and the worker never interleave.
+    outbox.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(outbox, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(descriptor, (json.dumps(record, default=str) + "\n").encode())
@@ -294,8 +302,7 @@ def replay_outbox(run_dir: str | Path, uri: str | None = None) -> int:
     returns how many were queued. Metrics the server already has at that step are skipped, so a replay after a
     partial one, or of an epoch logged again after a resume, never duplicates. On failure the records not sent
     stay queued and TrackingError says so."""
-    run_dir = Path(run_dir)
-    outbox = run_dir / OUTBOX_FILE
+    outbox = outbox_path(run_dir)
     records = read_outbox(run_dir)
     if not records:
         outbox.unlink(missing_ok=True)
@@ -326,7 +333,7 @@ def replay_outbox(run_dir: str | Path, uri: str | None = None) -> int:
                                 f"{outbox} ({record['op']} failed: {_short_reason(error)}); run `robustune sync {run_dir}` "
                                 "again once the server answers") from error
     outbox.unlink()
-    shutil.rmtree(run_dir / OUTBOX_FILES, ignore_errors=True)
+    shutil.rmtree(outbox.parent / OUTBOX_FILES, ignore_errors=True)
     return len(records)
 
 
@@ -349,7 +356,9 @@ def log_dict(uri: str, run_id: str, data: dict[str, Any], artifact_file: str) ->
 
 
 def log_file(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-    _send(uri, run_id, "log_file", path=str(path), artifact_path=artifact_path)
+    """Log a file as an artifact (a file in an object store through a local copy: MLflow opens local files)."""
+    with storage.local_file(storage.location(path)) as local:
+        _send(uri, run_id, "log_file", path=str(local), artifact_path=artifact_path)
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:

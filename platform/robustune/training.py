@@ -12,7 +12,6 @@ Both paths run `robustune.worker.run_worker`; nothing about a defense differs be
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -24,28 +23,34 @@ from robustune.config import Config
 from robustune.data import check_available
 from robustune.loop import TrainingError
 from robustune.run import Run, check_weights_sources
+from robustune.storage import (Location, check_nodes_see, check_storage, is_object_store, location, output_root,
+                               ray_storage)
 from robustune.worker import LocalSession, run_worker, train_worker, write_line
 
 
 @dataclass
 class TrainingOutcome:
     run_id: str
-    run_dir: Path
+    run_dir: Location
     tracking_uri: str
     report: dict[str, Any]
 
 
-def run_training(config: Config | None = None, *, resume_dir: str | Path | None = None,
+def run_training(config: Config | None = None, *, resume_dir: str | Location | None = None,
                  log: Callable[[str], None] = print, extra_tags: dict[str, str] | None = None,
                  parent_run_id: str | None = None, callbacks: list | None = None) -> TrainingOutcome:
     """Train `config` (or continue the run in `resume_dir`) on Ray, evaluate it, and track it in MLflow.
     Every check (data, tracking server, warm-start weights, cluster fit) runs before the run is created."""
     if resume_dir is not None:
+        resume_dir = location(resume_dir)
+        if is_object_store(resume_dir):  # a bad bucket or key says so before anything reads it
+            check_storage(resume_dir.parent)
         run = Run.open(resume_dir)
         # A truncated or overwritten newest checkpoint: resume from the newest one that loads (with a warning).
         run.prepare_resume(log)
         ensure_ray()
         check_cluster_fits(run.config)
+        check_nodes_see(run.path.parent)
         tracking.set_status(run.tracking_uri, run.run_id, "RUNNING")
         log(f"resuming run {run.name} (MLflow run {run.run_id})")
     else:
@@ -53,8 +58,11 @@ def run_training(config: Config | None = None, *, resume_dir: str | Path | None 
         check_available(config.data.name, config.data.data_dir, config.data.download)
         tracking.check_server(tracking.resolve_tracking_uri(config.tracking.tracking_uri))  # before any work
         check_weights_sources(config)
+        root = output_root(config.tracking.output_dir)
+        check_storage(root)  # an object store that does not answer, or has no such bucket, before Ray starts
         ensure_ray()  # before the MLflow run and the run folder: a run the cluster cannot fit is refused first
         check_cluster_fits(config)
+        check_nodes_see(root)
         run = Run.create(config, extra_tags=extra_tags, parent_run_id=parent_run_id)
         tracking.use_outbox(run.run_id, run.path)
         log(f"run {run.name}: MLflow run {run.run_id} in experiment '{run.config.tracking.experiment}' "
@@ -102,7 +110,7 @@ def execute_here(run: Run, forward: Callable[[dict[str, Any]], None] | None, res
 def run_one_worker(request: dict[str, Any]) -> None:
     """The Ray task of a one-worker `robustune train` (its process title is ray::run_one_worker)."""
     device = local_device(request["config"]["resources"]["use_gpu"])
-    run_worker(request, LocalSession(Path(request["run_dir"]), device, forward=None))
+    run_worker(request, LocalSession(location(request["run_dir"]), device, forward=None))
 
 
 def execute_as_task(run: Run, resume: bool) -> None:
@@ -135,7 +143,7 @@ def execute_with_trainer(run: Run, resume: bool, callbacks: list | None = None) 
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": threads}),
-        run_config=RunConfig(name=run.name, storage_path=str(run.path.parent),
+        run_config=RunConfig(name=run.name, **ray_storage(run.path.parent),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=resources.max_failures,
                                                            # a worker group that cannot start in 10 tries of 60 s
@@ -146,12 +154,13 @@ def execute_with_trainer(run: Run, resume: bool, callbacks: list | None = None) 
     trainer.fit()
 
 
-def note_outbox(run_dir: Path, log: Callable[[str], None]) -> None:
+def note_outbox(run_dir: Location, log: Callable[[str], None]) -> None:
     """Say so when some of the run's tracking records wait in its outbox (the server went away)."""
     queued = tracking.read_outbox(run_dir)
     if queued:
+        outbox = tracking.outbox_path(run_dir)
         log(f"warning: the MLflow server did not answer; {len(queued)} tracking records of this run wait in "
-            f"{run_dir / tracking.OUTBOX_FILE}: send them with `robustune sync {run_dir}` once it is back")
+            f"{outbox}: send them with `robustune sync {outbox.parent}` once it is back")
 
 
 def root_cause(error: BaseException) -> str:

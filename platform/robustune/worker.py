@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,12 +25,13 @@ from typing import Any, Callable
 import torch
 
 from robustune import tracking
-from robustune.checkpoints import (STATE_FILE, CheckpointError, CheckpointWriteError, disk_full_cause,
-                                   load_checkpoint, save_checkpoint, write_failure_message)
+from robustune.checkpoints import (STATE_FILE, CheckpointError, CheckpointWriteError, checkpoint_folders,
+                                   disk_full_cause, load_checkpoint, save_checkpoint, write_failure_message)
 from robustune.resolve import resolve_config
 from robustune.evaluation import evaluate_deployed, format_report
 from robustune.loop import TrainingLoop, format_epoch
 from robustune.run import Run
+from robustune.storage import Location, location, remove_tree
 
 KEEP_CHECKPOINTS = 2
 FIRST_EPOCH_AT = "timing/first_epoch_at"  # in Tune results only: when this process started its first epoch
@@ -50,7 +50,7 @@ class LocalSession:
     rank, world_size = 0, 1
     execution = "in_process"
 
-    def __init__(self, run_dir: Path, device: torch.device, forward: Callable[[dict[str, Any]], None] | None):
+    def __init__(self, run_dir: Location, device: torch.device, forward: Callable[[dict[str, Any]], None] | None):
         self.run_dir, self.device, self.forward = run_dir, device, forward
 
     def restored_checkpoint(self):
@@ -65,7 +65,7 @@ class LocalSession:
                 folder.rmdir()  # nothing half-written stays to be resumed from
             raise
         for old in sorted(self.run_dir.glob("epoch_*"))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
 
     def report(self, metrics: dict[str, Any]) -> None:
         if self.forward is not None:
@@ -77,7 +77,7 @@ class TrainSession:
 
     execution = "torch_trainer"
 
-    def __init__(self, run_dir: Path, use_gpu: bool):
+    def __init__(self, run_dir: Location, use_gpu: bool):
         import ray.train
 
         context = ray.train.get_context()
@@ -110,7 +110,7 @@ class TrainSession:
             report_with_checkpoint(state, metrics, self.run_dir, f"epoch_{epoch:03d}")
 
 
-def report_with_checkpoint(state: dict[str, Any], metrics: dict[str, Any], run_dir: Path, name: str) -> None:
+def report_with_checkpoint(state: dict[str, Any], metrics: dict[str, Any], run_dir: Location, name: str) -> None:
     """Report an epoch to Ray Train with its checkpoint, which Ray copies to RUN_DIR/<name>. When the disk is
     full (here in the local temporary folder, or in the run folder during Ray's copy), the run fails with a
     message naming the file, and no partial checkpoint file stays behind to be resumed from."""
@@ -136,7 +136,7 @@ def report_with_checkpoint(state: dict[str, Any], metrics: dict[str, Any], run_d
 
 
 def newest_state(ray_checkpoint, resume_path: str | None, device: torch.device,
-                 warn: Callable[[str], None] = write_line, run_dir: Path | None = None) -> tuple[dict | None, Any]:
+                 warn: Callable[[str], None] = write_line, run_dir: Location | None = None) -> tuple[dict | None, Any]:
     """The newest checkpoint that loads among Ray Train's restored checkpoint (after a worker failure, or a rerun
     of the same run), the folder named by --resume, and the run folder's own epoch_NNN folders.
 
@@ -153,14 +153,15 @@ def newest_state(ray_checkpoint, resume_path: str | None, device: torch.device,
                                    ray_checkpoint.path))
         except (CheckpointError, OSError) as error:
             warn(f"warning: not resuming from Ray Train's checkpoint record {ray_checkpoint.path}: {error}")
-    paths = [Path(resume_path)] if resume_path else []
+    paths = [location(resume_path)] if resume_path else []
     if run_dir is not None:
-        paths += sorted((p for p in run_dir.glob("epoch_*") if (p / STATE_FILE).is_file()), reverse=True)
-    seen = {str(ray_checkpoint.path) if ray_checkpoint is not None else None}
+        paths += checkpoint_folders(run_dir)[::-1]
+    # Ray's record is one of the run folder's checkpoint folders (Ray names it a path inside its filesystem).
+    seen = {Path(ray_checkpoint.path).name if ray_checkpoint is not None else None}
     for path in paths:
-        if str(path) in seen:
+        if path.name in seen:
             continue
-        seen.add(str(path))
+        seen.add(path.name)
         try:
             candidates.append((load_checkpoint(path, map_location=device), path))
         except CheckpointError as error:
@@ -186,7 +187,7 @@ def run_worker(request: dict[str, Any], session, log: Callable[[str], None] = wr
     rank, world_size, device = session.rank, session.world_size, session.device
     is_chief = rank == 0
     log = log if is_chief else (lambda text: None)
-    uri, run_id, run_dir = config.tracking.tracking_uri, request["run_id"], Path(request["run_dir"])
+    uri, run_id, run_dir = config.tracking.tracking_uri, request["run_id"], location(request["run_dir"])
     tracking.use_outbox(run_id, run_dir)  # a tracking server gone mid-run: records wait in the run folder
 
     loop = TrainingLoop(config, rank=rank, world_size=world_size, device=device, log=log)
@@ -271,7 +272,7 @@ def train_worker(request: dict[str, Any]) -> None:
     """Ray Train's per-worker function (the data-parallel path)."""
     quiet_ray_train_reports()
     config = request["config"]
-    session = TrainSession(Path(request["run_dir"]), use_gpu=bool(config["resources"]["use_gpu"]))
+    session = TrainSession(location(request["run_dir"]), use_gpu=bool(config["resources"]["use_gpu"]))
     run_worker(request, session)
 
 
