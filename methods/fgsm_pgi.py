@@ -7,13 +7,32 @@ Instead of a random start, FGSM starts from a prior perturbation eta:
   a batch larger than the buffer draws U(-eps, eps) for the missing rows, a smaller one uses the first rows).
 - ``prior="epoch"`` (FGSM-EP): this example's adversarial perturbation from the previous epoch (a per-example
   buffer of ``ctx.num_train_examples`` x input shape, indexed by the loop's sample indices).
-- ``prior="momentum"`` (FGSM-MEP, the paper's best and the default): EP plus a per-example momentum of
-  gradient signs (slides, Alg. 3)::
+- ``prior="momentum"`` (FGSM-MEP, the paper's best and the default): EP plus a per-example momentum that
+  steers the next prior (slides, Alg. 3)::
 
-      g_c       = sign(grad_x L(f(x + eta), y))
-      m         <- mu * m + g_c                       (first epoch after a reset: m = g_c)
+      g         = grad_x L(f(x + eta), y)
+      g_c       = sign(g)
+      m         <- mu * m + u                         (m = 0 in the first epoch and after every reset)
       delta_adv = clip_eps(eta + alpha * g_c)
       eta_next  = clip_eps(eta + alpha * sign(m))     (stored as this example's next prior)
+
+  ``momentum_form`` chooses what the momentum accumulates:
+
+  * ``"normalized_gradient"`` (default, the authors' released code): u = g / mean(|g|), the example's raw
+    gradient divided by its mean absolute value over the example's elements (an example whose gradient is
+    all zero adds 0).
+  * ``"sign"`` (the paper as written, Alg. 3 line 13): u = g_c = sign(g).
+
+  The default follows the code because the literal form cannot do anything with the paper's mu = 0.3:
+  each entry of sign(g) is in {-1, 0, 1}, so starting from m = 0, |m| <= 1 + mu + mu^2 + ... < 1 / (1 - mu)
+  and |mu * m| < mu / (1 - mu) <= 1 for every mu <= 1/2. Wherever g != 0, sign(mu * m + sign(g)) = sign(g),
+  so eta_next = clip_eps(eta + alpha * g_c) = delta_adv: MEP stores exactly EP's prior (it can only differ
+  where a gradient entry is exactly 0, or for mu > 1/2). The normalized gradient has magnitudes that vary
+  across pixels and epochs, so an earlier epoch's large gradient can outvote this epoch's small one.
+  The authors divide by the L1 norm of the whole batch's gradient (one scalar per batch); here each example
+  is normalized by its own mean |g|, so the momentum does not depend on the batch size, on which examples
+  share a batch, or on how a batch is split over workers (one and two workers give the same buffers). The
+  per-example constant (mean instead of sum) scales m uniformly and does not change sign(m).
 
 Every start and every stored prior is also kept inside [0, 1] (x + eta is projected with clamp_to_ball).
 In the first epoch and after every reset (every ``reset_every`` epochs, authors' ``--epochs_reset 40``;
@@ -44,9 +63,9 @@ Cost: forward on x + eta (1F), its input gradient (1B), forward on x + delta_adv
 backward through both forward graphs, since the regularizer differentiates f(x + eta) too (2B): 2F3B.
 
 Differences from the authors' code, all deliberate: the first-epoch prior is U(-eps, eps) as the paper
-says (their code draws random signs scaled to min(alpha, eps)); the momentum accumulates gradient signs as
-the paper writes g_c (their code accumulates the gradient divided by the batch's L1 norm). As in their
-code, the attack runs in the model's current (training) mode.
+says (their code draws random signs scaled to min(alpha, eps)); the normalized-gradient momentum divides each
+example's gradient by its own mean |g| rather than by the batch's L1 norm (see above). As in their code, the
+attack runs in the model's current (training) mode.
 Reference recipe (CIFAR-10, ResNet-18): 110 epochs, lr 0.1 multistep at 100/105, SGD momentum 0.9, wd 5e-4.
 """
 
@@ -80,6 +99,9 @@ class FGSMPGI(Defense):
     alpha_ratio: float = 1.0  # FGSM step in units of epsilon (paper: alpha = eps; Prop. 1 needs alpha <= eps)
     lambda_: float = 10.0  # weight of ||f(x+delta_adv) - f(x+eta)||^2 (authors' --lamda 10, MSE reduction)
     momentum_decay: float = 0.3  # mu of the MEP momentum (authors' --momentum_decay 0.3)
+    # what the MEP momentum accumulates: the per-example L1-normalized gradient (authors' code) or sign(g)
+    # (the paper's formula, which with mu <= 1/2 makes MEP store exactly EP's priors; module docstring)
+    momentum_form: Literal["normalized_gradient", "sign"] = "normalized_gradient"
     reset_every: int = 40  # epochs between re-initializations of the priors (authors: 40; 10 on CIFAR-100)
     label_smoothing: float = 0.4  # s: true-class target 1 - s (authors' --factor 0.6 = 1 - 0.4); 0 = off
 
@@ -92,6 +114,9 @@ class FGSMPGI(Defense):
             raise ValueError(f"lambda_ must be >= 0, got {self.lambda_}")
         if not 0 <= self.momentum_decay <= 1:
             raise ValueError(f"momentum_decay must be in [0, 1], got {self.momentum_decay}")
+        if self.momentum_form not in ("normalized_gradient", "sign"):
+            raise ValueError(f"momentum_form must be 'normalized_gradient' (authors' code) or 'sign' (the paper's "
+                             f"formula), got {self.momentum_form!r}")
         if self.reset_every < 1:
             raise ValueError(f"reset_every must be >= 1 (epochs), got {self.reset_every}")
         if not 0 <= self.label_smoothing < 1:
@@ -159,24 +184,31 @@ class FGSMPGI(Defense):
         x_adv = clamp_to_ball(x_start + alpha * g_c, x, eps).detach()
         logits_adv = model(x_adv)
         total, ce, reg = prior_guided_loss(logits_adv, logits_prior, y, self.lambda_, self.label_smoothing)
-        self._store(x, idx, x_start, x_adv, g_c)
+        self._store(x, idx, x_start, x_adv, grad)
         return StepResult(total, logits_adv, {"pgi_ce": ce.item(), "pgi_reg": reg.item()})
 
     @torch.no_grad()
-    def _store(self, x: Tensor, idx: Tensor, x_start: Tensor, x_adv: Tensor, g_c: Tensor) -> None:
-        """Record the next prior (and momentum) for these examples."""
+    def _store(self, x: Tensor, idx: Tensor, x_start: Tensor, x_adv: Tensor, grad: Tensor) -> None:
+        """Record the next prior (and momentum) for these examples; `grad` is the raw input gradient."""
         if self.prior == "batch":
             self.batch_prior = (x_adv - x).detach().clone()
             return
         if self.prior == "epoch":
             next_prior = x_adv - x  # delta_adv
         else:
-            m = self.momentum_decay * self.momentum_buffer[idx] + g_c
+            m = self.momentum_decay * self.momentum_buffer[idx] + self._momentum_increment(grad)
             self.momentum_buffer[idx] = m
             next_prior = clamp_to_ball(x_start + self.alpha_ratio * self.ctx.epsilon * m.sign(), x,
                                        self.ctx.epsilon) - x
         self.prior_buffer[idx] = next_prior
         self.touched[idx] = True
+
+    def _momentum_increment(self, grad: Tensor) -> Tensor:
+        """What one step adds to the MEP momentum: sign(g), or g / mean(|g|) per example."""
+        if self.momentum_form == "sign":
+            return grad.sign()
+        scale = grad.abs().flatten(1).mean(1).view(-1, *([1] * (grad.dim() - 1)))
+        return grad / torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero gradient adds 0
 
     # ------------------------------------------------------------------------------------- epoch end
     @torch.no_grad()

@@ -52,10 +52,14 @@ def authors_smoothed_ce(logits, y, factor):
     return -(target * F.log_softmax(logits, 1)).sum(1).mean()
 
 
-def sign_grad(model, x_start, y, factor):
+def input_grad(model, x_start, y, factor):
     x_start = x_start.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(authors_smoothed_ce(model(x_start), y, factor), x_start)
-    return grad.sign()
+    return grad
+
+
+def sign_grad(model, x_start, y, factor):
+    return input_grad(model, x_start, y, factor).sign()
 
 
 def run_epoch(model, defense, x, y, epoch, size=16):
@@ -69,11 +73,18 @@ def test_defaults_cost_and_validation():
     d = create_defense("fgsm_pgi")
     assert (d.prior, d.alpha_ratio, d.lambda_, d.momentum_decay, d.reset_every, d.label_smoothing) == \
         ("momentum", 1.0, 10.0, 0.3, 40, 0.4)
+    assert d.momentum_form == "normalized_gradient"  # the authors' code, not the paper's sign(g) (see below)
     assert d.cost() == Cost(2, 3)
     with pytest.raises(ConfigError, match="method.prior"):
         create_defense("fgsm_pgi", {"prior": "previous"})
     with pytest.raises(ConfigError, match="reset_every"):
         create_defense("fgsm_pgi", {"reset_every": 0})
+    with pytest.raises(ConfigError, match="momentum_form"):
+        create_defense("fgsm_pgi", {"momentum_form": "l2"})
+    from robustune.methods.fgsm_pgi import FGSMPGI
+    with pytest.raises(ValueError, match="momentum_form must be 'normalized_gradient' .* or 'sign'"):
+        FGSMPGI(momentum_form="signed")  # __post_init__ itself, not only the config layer's Literal check
+    assert create_defense("fgsm_pgi", {"momentum_form": "sign"}).momentum_form == "sign"
     with pytest.raises(ConfigError, match="label_smoothing"):
         create_defense("fgsm_pgi", {"label_smoothing": 1.0})
     space = load_space("fgsm_pgi")
@@ -81,11 +92,12 @@ def test_defaults_cost_and_validation():
     assert {"method.lambda_", "method.momentum_decay", "method.reset_every", "method.alpha_ratio"} <= set(space)
 
 
-@pytest.mark.parametrize("prior", ["epoch", "momentum"])
-def test_example_prior_carries_over_epochs_with_the_paper_update(prior):
+@pytest.mark.parametrize("prior,form", [("epoch", None), ("momentum", "normalized_gradient"), ("momentum", "sign")])
+def test_example_prior_carries_over_epochs_with_the_paper_update(prior, form):
     """The prior used for example i in epoch 2 is what epoch 1 stored for i (checked through the update rule:
-    a fresh or misindexed prior would give another stored value), and MEP follows Alg. 3."""
-    model, d = make({"prior": prior})
+    a fresh or misindexed prior would give another stored value), and MEP follows Alg. 3 with the momentum
+    accumulating either g / mean|g| per example (the authors' code) or sign(g) (the paper's formula)."""
+    model, d = make({"prior": prior} if form is None else {"prior": prior, "momentum_form": form})
     x, y = data()
     alpha, mu, factor = EPS, 0.3, 0.6
     eta = d.prior_buffer.clone()  # the first-epoch draw
@@ -95,20 +107,64 @@ def test_example_prior_carries_over_epochs_with_the_paper_update(prior):
         expected, expected_m = eta.clone(), momentum.clone()
         for idx in batches(epoch):
             start = clamp_to_ball(x[idx] + eta[idx], x[idx], EPS)
-            g_c = sign_grad(model, start, y[idx], factor)
+            grad = input_grad(model, start, y[idx], factor)
+            g_c = grad.sign()
             delta_adv = clamp_to_ball(start + alpha * g_c, x[idx], EPS) - x[idx]
             if prior == "epoch":
                 expected[idx] = delta_adv
             else:
-                expected_m[idx] = mu * momentum[idx] + g_c
+                per_example_mean_abs = grad.abs().mean(dim=(1, 2, 3), keepdim=True)
+                step = g_c if form == "sign" else grad / per_example_mean_abs
+                expected_m[idx] = mu * momentum[idx] + step
                 expected[idx] = clamp_to_ball(start + alpha * expected_m[idx].sign(), x[idx], EPS) - x[idx]
         run_epoch(model, d, x, y, epoch)
         assert torch.allclose(d.prior_buffer, expected, atol=1e-6), f"epoch {epoch + 1}"
         if prior == "momentum":
-            assert torch.allclose(d.momentum_buffer, expected_m, atol=1e-6)
+            assert torch.allclose(d.momentum_buffer, expected_m, rtol=1e-4, atol=1e-6)
         eta, momentum = expected, expected_m
-    if prior == "momentum":
+        if form == "normalized_gradient" and epoch == 0:  # per example (not per batch): mean |m| is 1 for all
+            assert torch.allclose(d.momentum_buffer.abs().mean(dim=(1, 2, 3)), torch.ones(N), atol=1e-5)
+    if form == "sign":
         assert d.momentum_buffer.abs().max() > 1.0  # mu*m + g_c accumulated over two epochs
+
+
+def priors_per_epoch(params, epochs, model, x, y):
+    """The prior buffer after each of `epochs` epochs (fixed model, the same batches for every defense)."""
+    _, d = make(params, model=model)
+    stored = []
+    for epoch in range(epochs):
+        run_epoch(model, d, x, y, epoch)
+        stored.append(d.prior_buffer.clone())
+    return stored
+
+
+def test_literal_sign_momentum_with_mu_03_stores_exactly_the_ep_priors():
+    """The paper's m <- mu m + sign(g) with mu = 0.3: |mu m| < mu / (1 - mu) < 1, so sign(m) = sign(g)
+    wherever g != 0 and the MEP prior is EP's delta_adv. This documents why the default is not this form."""
+    model, (x, y) = small_model(), data()
+    ep = priors_per_epoch({"prior": "epoch"}, 4, model, x, y)
+    for mu in (0.3, 0.5):  # 1/2 is the largest mu for which the bound still holds
+        mep = priors_per_epoch({"prior": "momentum", "momentum_form": "sign", "momentum_decay": mu}, 4, model, x, y)
+        for epoch, (a, b) in enumerate(zip(ep, mep)):
+            assert torch.equal(a, b), f"mu {mu}, epoch {epoch + 1}"
+    # above 1/2 the literal form can keep an old direction (+1, +1, -1 gives m = 0.71 for mu = 0.9)
+    mep = priors_per_epoch({"prior": "momentum", "momentum_form": "sign", "momentum_decay": 0.9}, 4, model, x, y)
+    assert torch.equal(ep[0], mep[0]) and not torch.equal(ep[-1], mep[-1])
+
+
+def test_normalized_gradient_momentum_makes_mep_differ_from_ep():
+    """The authors' form: after the first epoch (m = g / mean|g|, so sign(m) = sign(g)) MEP and EP agree;
+    from the second epoch on the accumulated momentum overrides this epoch's sign for some pixels."""
+    model, (x, y) = small_model(), data()
+    ep = priors_per_epoch({"prior": "epoch"}, 3, model, x, y)
+    mep = priors_per_epoch({"prior": "momentum"}, 3, model, x, y)  # the defaults: normalized, mu = 0.3
+    assert torch.equal(ep[0], mep[0])
+    for epoch in (1, 2):
+        differs = (ep[epoch] - mep[epoch]).abs().flatten(1).amax(1) > 1e-6
+        assert differs.any(), f"epoch {epoch + 1}: MEP stored EP's priors for every example"
+        # the priors stay in the ball either way, and the two forms change only some pixels
+        assert mep[epoch].abs().max() <= EPS + 1e-6
+        assert ((ep[epoch] - mep[epoch]).abs() > 1e-6).float().mean() < 0.5
 
 
 def test_priors_reset_on_schedule():

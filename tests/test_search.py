@@ -236,3 +236,24 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
         assert after[trial] == before[trial]
         assert sorted(m.step for m in client.get_metric_history(after[trial], "epoch")) == [1, 2]
     assert all(r["status"] == "completed" and r["epochs_run"] == 2 for r in rows)
+
+
+def test_a_second_run_of_a_resumed_trial_does_not_stay_running(tmp_path):
+    """Killed between creating its MLflow run and writing run.json, a trial that Tune resumes creates a new
+    run under the same trial id: the first one is no trial's run any more and must end KILLED (interrupted)."""
+    from robustune.search import end_orphaned_trials
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("orphans")
+    parent = client.create_run(experiment).info.run_id
+    tags = {"mlflow.parentRunId": parent, "search_trial_id": "abc123"}
+    cut_short = client.create_run(experiment, tags=tags).info.run_id
+    resumed = client.create_run(experiment, tags=tags).info.run_id
+    other = client.create_run(experiment, tags={**tags, "search_trial_id": "def456"}).info.run_id
+    lines = []
+    end_orphaned_trials(uri, parent, {resumed, other}, lines.append)
+    assert client.get_run(cut_short).info.status == "KILLED"
+    assert client.get_run(cut_short).data.tags["stop_reason"] == "interrupted"
+    assert client.get_run(resumed).info.status == client.get_run(other).info.status == "RUNNING"
+    assert len(lines) == 1 and "abc123" in lines[0] and cut_short in lines[0]

@@ -361,7 +361,7 @@ def _run(search_dir: Location, log: Callable[[str], None], restore: bool, refit:
                         callbacks)
     results = tuner.fit()
     table = collect_results(results, settings, base, space, search_dir, budget)
-    end_orphaned_trials(uri, parent_run_id, {row["trial_id"] for row in table}, log)
+    end_orphaned_trials(uri, parent_run_id, {row["run_id"] for row in table if row["run_id"]}, log)
     write_results(table, search_dir / RESULTS_FILE)
     tracking.log_file(uri, parent_run_id, search_dir / RESULTS_FILE, "search")
     summary = summarize(table, settings, time.time() - started)
@@ -431,21 +431,22 @@ def collect_results(results, settings: SearchSettings, base: dict[str, Any], spa
     return rows
 
 
-def end_orphaned_trials(uri: str, parent_run_id: str, trial_ids: set[str], log: Callable[[str], None]) -> None:
-    """A search killed just after starting a trial, before Tune saved its experiment state, resumes without that
-    trial (Tune starts another in its place). Its MLflow run would stay RUNNING forever: it ends KILLED, with
-    stop_reason `interrupted`; its folder stays under trials/."""
+def end_orphaned_trials(uri: str, parent_run_id: str, kept_run_ids: set[str], log: Callable[[str], None]) -> None:
+    """A search killed just after starting a trial can leave an MLflow run that is no trial's run in the resumed
+    search: Tune had not yet saved the trial (it starts another in its place), or the trial was killed between
+    creating its MLflow run and writing run.json (the resumed trial creates a new run). Such a run would stay
+    RUNNING forever: it ends KILLED, with stop_reason `interrupted`; its folder stays under trials/."""
     from robustune import tracking
 
     mlflow_client = tracking.client(uri)
     experiment = mlflow_client.get_run(parent_run_id).info.experiment_id
     for run in mlflow_client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' "
                                                        "and attributes.status = 'RUNNING'"):
-        if run.data.tags.get("search_trial_id") not in trial_ids:
+        if run.info.run_id not in kept_run_ids:
             tracking.set_tag(uri, run.info.run_id, "stop_reason", "interrupted")
             tracking.set_status(uri, run.info.run_id, "KILLED")
             log(f"trial {run.data.tags.get('search_trial_id')} was cut short when the search was interrupted and "
-                f"is not part of the resumed search: its MLflow run {run.info.run_id} ends KILLED (interrupted)")
+                f"its MLflow run {run.info.run_id} is not part of the resumed search: it ends KILLED (interrupted)")
 
 
 def _child_run(mlflow_client, search_dir: Location, trial_id: str | None):
