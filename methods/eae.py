@@ -25,7 +25,10 @@ examples that FGSM at the target epsilon fools on the pretrained model. `robustu
 --checkpoint runs/<run>/final.pt` measures it on the validation split (`calibrate_eae` below). Reported MLDs:
 3.63 (eps=0.01) to 5.98 (eps=0.05) on CIFAR-10/ResNet-18, 1.86 to 5.17 on ImageNet-100/AlexNet; thumb rule
 gamma in [2, 4]; a larger gamma costs clean accuracy (~6 points over the range) for < 1.6 points robustness.
-Default gamma = 3.63, the value of the paper's main CIFAR-10 experiment (Sec. 6.4).
+Default gamma = 3.63, the value of the paper's main CIFAR-10 experiment (Sec. 6.4). With
+`calibrate_gamma: true` the run applies the rule itself before its first step, on the warm-start model and
+the run's validation split (never test), and logs the gamma it trained with as `train/gamma`; the studies do
+that, so EAE runs there as its paper runs it: a pretrained model fine-tuned with a calibrated gamma.
 
 Warm start: the paper fine-tunes a pretrained model (4 epochs, cyclic lr 0 -> 0.2 -> 0 on CIFAR-10). Train
 one first, then start EAE from its weights with the platform's `train.init_from`:
@@ -98,15 +101,48 @@ class EAE(Defense):
     # commands: `robustune calibrate-eae`, set at the end of this module (its functions are defined below)
     gamma: float = 3.63  # LD threshold; paper's CIFAR-10 run (MLD of FGSM seed examples at eps 0.01); thumb rule 2-4
     top_class: Literal["label", "predicted"] = "label"  # see the module docstring: misclassified examples
+    # Set gamma by the paper's rule before training: the mean LD of the validation examples that FGSM fools on
+    # the warm-start model (needs train.init_from and a validation split); `gamma` above is then not used.
+    calibrate_gamma: bool = False
 
     def __post_init__(self) -> None:
         if not self.gamma >= 0:  # also rejects NaN
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
         if self.top_class not in TOP_CLASS_CHOICES:
             raise ValueError(f"top_class must be one of {TOP_CLASS_CHOICES}, got {self.top_class!r}")
+        if not isinstance(self.calibrate_gamma, bool):
+            raise ValueError(f"calibrate_gamma must be true or false, got {self.calibrate_gamma!r}")
 
     def cost(self) -> Cost:
         return Cost(forward=1, backward=1)
+
+    def setup(self, model, ctx) -> None:
+        super().setup(model, ctx)
+        if not self.calibrate_gamma:
+            return
+        if not ctx.warm_started:
+            raise ValueError("eae: calibrate_gamma measures gamma on a pretrained model; set train.init_from to a "
+                             "trained run's final.pt (in a study: init_from: <entry>), or set method.gamma instead")
+        if ctx.validation is None:
+            raise ValueError("eae: calibrate_gamma needs validation data (data.val_size > 0), or set method.gamma")
+        images, labels = ctx.validation
+        result = calibrate_eae(model, images, labels, epsilon=ctx.epsilon)
+        if result["suggested_gamma"] is None:
+            raise ValueError(f"eae: calibrate_gamma: FGSM at epsilon {ctx.epsilon} fooled none of the "
+                             f"{result['correct']} correctly classified validation examples, so the paper's rule "
+                             "gives no gamma; set method.gamma instead")
+        # Calibrated once, before any training step; a resumed run gets this value back from its checkpoint.
+        self.gamma = result["suggested_gamma"]
+
+    def on_epoch_end(self, model, epoch) -> dict[str, float]:
+        return {"gamma": float(self.gamma)}  # the threshold this run trained with (calibrated or set)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gamma": float(self.gamma)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:  # checkpoints from before gamma was kept hold nothing: the gamma set at setup stands
+            self.gamma = float(state["gamma"])
 
     def loss(self, model, x, y, idx, step) -> StepResult:
         logits = model(x)

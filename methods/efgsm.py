@@ -7,9 +7,11 @@ Per batch:
 2. Linear (DeepFool-style) refinement at x0 (Eq. 12): for the label t and the closest class i != t,
    Delta = |Z_t - Z_i| / ||grad Z_t - grad Z_i||_1 and x_adv = x0 + Delta * sign(grad (Z_i - Z_t)), projected
    to the eps-ball around x and to [0, 1]. On an affine classifier this lands exactly on the t/i boundary.
-3. Loss (Eq. 16): MSE(R(softmax(C(x_adv))), x) + lambda_cls * CE_ls(C(x_adv), y). The re-constructor R (dense
-   layers + transposed convolutions, sized from the input shape) is trained on the same loss with its own
-   Adam optimizer; it is an auxiliary net and never used at inference.
+3. Loss: L_C = CE_ls(C(x_adv), y) and L_R = MSE(R(softmax(C(x_adv))), x); the classifier C trains on
+   L_C + L_R / lambda_cls by default (`loss_scale="classification"`), or on the paper's Eq. 16,
+   L_R + lambda_cls * L_C (`loss_scale="paper"`); both have the same ratio of the two terms (see below).
+   The re-constructor R (dense layers + transposed convolutions, sized from the input shape) is trained on
+   L_R with its own Adam optimizer; it is an auxiliary net and never used at inference.
 4. Once per epoch (Eq. 13), for the examples seen: Gamma <- gamma_decay * Gamma + sign(x_adv - x).
 
 The robustness estimate of Sec. 3.2 comes for free from step 2: an example counts as robust when C classifies
@@ -28,6 +30,19 @@ Choices where the paper is silent or ambiguous (see also the field comments):
   (1 - ls) * onehot + ls / K.
 - lambda: 0.1 for MNIST and 0.05 for CIFAR-10 in Table 2; one default, 0.1, fits the 28x28 datasets this
   platform ships; use 0.05 on CIFAR. L_R is the mean squared error (the paper does not name it).
+- Loss scale (a change from the paper's written form, default `classification`): Eq. 16 weights the
+  classification term by lambda and leaves L_R at weight 1. The paper does not name its optimizer and tunes
+  only the ratio of the two terms. Under this platform's SGD, Eq. 16 with lambda = 0.1 hands the classifier a
+  CE gradient 10x weaker than every other defense gets, so at the shared learning rates eFGSM trains as if
+  its lr were 10x lower (one Fashion-MNIST epoch at lr 0.05 barely learns). Dividing Eq. 16 by lambda,
+  L_C + L_R / lambda, keeps the ratio the paper tunes and gives L_C its plain-CE scale, so eFGSM shares the
+  other defenses' lr range. The classifier's gradient is exactly 1 / lambda times Eq. 16's, so SGD (with
+  momentum) at lr and weight decay wd is Eq. 16 at lr / lambda and wd * lambda: train.weight_decay and
+  train.grad_clip now act on the scale they have for the other defenses' CE (a clip threshold c here is
+  lambda * c under Eq. 16).
+  R's parameters only get L_R's gradient, and in this form that gradient comes out of the shared backward
+  multiplied by 1 / lambda: it is multiplied back by lambda before R's Adam step, so R's optimisation
+  (Adam's epsilon included) is the same in both forms. `paper` is the exact Eq. 16.
 - R is trained jointly in the paper; here it has its own Adam (lr `reconstructor_lr`) because the loop's
   optimizer only holds the target model. Its gradients are averaged across workers before its step.
 - Gamma is indexed by dataset position. With data augmentation (random crops/flips, CIFAR's default) its pixels
@@ -129,10 +144,13 @@ class EFGSM(Defense):
     summary = "eFGSM: accumulated-sign Gaussian start + DeepFool-style step, trained with a re-constructor (Chen & Lee)"
     sigma_ratio: float = 0.5  # std of the start noise kappa, in units of eps (paper: a free hyperparameter)
     gamma_decay: float = 0.95  # Gamma <- decay * Gamma + sign(x_adv - x), once per epoch (Eq. 13)
-    lambda_cls: float = 0.1  # weight of the classification loss (Eq. 16): 0.1 MNIST, 0.05 CIFAR-10 (Table 2)
+    lambda_cls: float = 0.1  # classification : reconstruction weight (Eq. 16): 0.1 MNIST, 0.05 CIFAR-10 (Table 2)
     label_smoothing: float = 0.1  # 1 - s on the label, s over the others (robustune.losses); paper gives no factor
     closest_class: Literal["runner_up", "all"] = "runner_up"  # i for Eq. 12: largest wrong logit, or exact min
     reconstructor_lr: float = 1e-3  # Adam learning rate of R
+    # classifier's loss: L_C + L_R / lambda ("classification": CE at its plain scale) or L_R + lambda * L_C
+    # ("paper", Eq. 16 as written); same ratio, 1 / lambda apart in scale (see the module docstring)
+    loss_scale: Literal["classification", "paper"] = "classification"
     reconstructor_channels: int = 16  # width of R's transposed convolutions
 
     def __post_init__(self) -> None:
@@ -146,6 +164,8 @@ class EFGSM(Defense):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.closest_class not in ("runner_up", "all"):
             raise ValueError(f"closest_class must be 'runner_up' or 'all', got {self.closest_class!r}")
+        if self.loss_scale not in ("classification", "paper"):
+            raise ValueError(f"loss_scale must be 'classification' or 'paper', got {self.loss_scale!r}")
         if self.reconstructor_lr <= 0:
             raise ValueError(f"reconstructor_lr must be > 0, got {self.reconstructor_lr}")
         if self.reconstructor_channels < 1:
@@ -200,10 +220,18 @@ class EFGSM(Defense):
         logits = model(x_adv)
         cls_loss = smoothed_cross_entropy(logits, y, self.label_smoothing)
         rec_loss = F.mse_loss(self.reconstructor(F.softmax(logits, dim=1)), x)
-        loss = rec_loss + self.lambda_cls * cls_loss
-        # `update` zeroes and steps only the target model; R's gradients come from the same backward.
+        if self.loss_scale == "paper":
+            loss = rec_loss + self.lambda_cls * cls_loss
+        else:
+            loss = cls_loss + rec_loss / self.lambda_cls
+        # `update` zeroes and steps only the target model; R's gradients come from the same backward, where
+        # only L_R reaches R: undo L_R's 1 / lambda weight so that R steps on grad L_R in either form.
         self.reconstructor_optimizer.zero_grad(set_to_none=True)
         update(loss)
+        if self.loss_scale == "classification":
+            for parameter in self.reconstructor.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.mul_(self.lambda_cls)
         self.ctx.average_gradients(self.reconstructor.parameters())
         self.reconstructor_optimizer.step()
         return StepResult(loss.detach(), logits.detach(), {

@@ -31,15 +31,36 @@ The authors' policy and target learning-rate schedules are not reproduced: the p
 the look-ahead step uses the target's current learning rate from the loop's schedule, as the code does
 (or a fixed `lookahead_lr` when set).
 
-Order per batch (as in the code): on every k-th batch (k = `update_every`; batches k, 2k, ... counted from
-the start of training) the policy is updated first (strategy net in train mode, its own draw of
+Policy schedule (a change from the paper; `policy_schedule: paper` restores its fixed form). The paper
+updates the strategy net every k = 20 batches with SGD lr 1e-4 and the gradient clipped to norm 1, over
+110 CIFAR-10 epochs: ~2,150 updates. The default study trains 4 epochs of 4,000 images in batches of
+128 (128 batches): 6 updates of at most 1e-4 each, and the policy stays at its initial (near uniform)
+distribution, so the learned strategy would really be a random per-image one. With
+`policy_schedule: sized_to_run` (the default) the cadence and the lr follow the run's length T =
+ctx.steps_per_epoch x ctx.epochs (`sized_policy_schedule`):
+  interval k = min(update_every, max(1, T // policy_updates_per_run)):  at least `policy_updates_per_run`
+      updates (when T allows), and never sparser than the paper's k (`update_every`), so a paper-length run
+      keeps the paper's cadence;
+  lr = max(policy_lr, policy_travel / (T // k)):  each step's gradient is clipped to norm 1, so lr bounds
+      how far one update moves the strategy net; this fixes the run's total step length lr x updates at
+      `policy_travel` whatever the run's length, never below the paper's lr.
+Default-study size (T = 128): k = 2, 64 updates, lr 0.125. Measured there: the policy's entropy fell from
+~6.5 to ~1.7 nats over 4 epochs (max 6.66) and the drawn strategies moved to larger radii and more
+iterations; a run with an action-independent random reward at that lr kept the entropy near 6, so the
+fall follows the reward. With half that travel (lr 0.0625) the entropy barely moved (6.65 -> 6.51); with
+32 updates at lr 0.25 the policy collapsed to one strategy (entropy 0.01). Not checked at CIFAR scale:
+there the rule gives k = 20 and lr 8/2150 = 3.7e-3, larger than the paper's 1e-4.
+
+Order per batch (as in the code): on every k-th batch (k the interval above; batches k, 2k, ... counted
+from the start of training) the policy is updated first (strategy net in train mode, its own draw of
 strategies); then strategies for the target step are drawn with the strategy net in eval mode and the
 target trains on them.
 
 Auxiliary nets (not counted in cost()): the strategy net, a small CNN for inputs up to 28x28 and a
 ResNet-18 (width `strategy_width`) above, plus the look-ahead copy of the target (its passes are counted).
 
-Cost per batch, with E = mean of the iteration grid, S = reward_pgd_steps, R = reward_pgd_restarts:
+Cost per batch (k: the run's interval once set up, `update_every` before), with E = mean of the
+iteration grid, S = reward_pgd_steps, R = reward_pgd_restarts:
   target step:  (E + 1)F (E + 1)B  (attack + training pass);
   policy update, every k batches: attack E F/B, L1 forward 1F, look-ahead step 1F1B, PGD on the copy
   R(S + 1)F R*S B (the +1 is the restart selection forward), robust and clean forward 2F:
@@ -51,7 +72,12 @@ Logged per epoch (train/<name>): `las/<head>/p_<i>` the fraction of training ima
 entry i (heads `epsilon`, `steps`, `step_size`; entry i is `epsilon_ratios[i]`, `step_counts[i]`,
 `step_size_ratios[i]`), `las/<head>/mean` (in units of eval eps for the radius and the step size),
 `las/<head>/entropy`, and over the epoch's policy updates `las/reward`, `las/r1`, `las/r2`, `las/r3`,
-`las/policy_updates`.
+`las/policy_updates`. Progress (`progress_metrics`, the leaderboard shows their first and last epoch):
+`policy_updates` the updates since the start of training, `policy_entropy` the mean over the epoch's
+training images of the drawn strategy's entropy (the three heads' entropies summed: the entropy of the
+joint strategy, in nats; uniform at the default grids: ln 13 + ln 12 + ln 5 = 6.66) and `policy_reward`
+the mean reward of the epoch's updates (absent in an epoch without one). The reward also rises as the
+target trains (L2, L3 grow with its accuracy), so a rising reward alone is no sign the policy learned.
 """
 
 from __future__ import annotations
@@ -96,6 +122,22 @@ def strategy_pgd(model: nn.Module, x: Tensor, y: Tensor, epsilon: Tensor, alpha:
         step = per_example(alpha[active], moving) * grad.sign()
         x_adv[active] = clamp_to_ball(moving + step, x[active], epsilon[active])
     return x_adv.detach()
+
+
+PAPER_POLICY_SCHEDULE = "paper"
+
+
+def sized_policy_schedule(total_steps: int, updates_per_run: int, max_interval: int, travel: float,
+                          min_lr: float) -> tuple[int, float]:
+    """(interval, lr) of the strategy net's updates for a run of `total_steps` batches.
+
+    interval = min(max_interval, max(1, total_steps // updates_per_run)): at least `updates_per_run` updates
+    where the run is long enough, never sparser than `max_interval` (the paper's k). lr = max(min_lr,
+    travel / updates): the run's total clipped step length lr x updates is `travel`, never below `min_lr`.
+    """
+    interval = min(max_interval, max(1, total_steps // updates_per_run))
+    updates = max(1, total_steps // interval)
+    return interval, max(min_lr, travel / updates)
 
 
 # ------------------------------------------------------------------------------------- strategy nets
@@ -163,6 +205,7 @@ class Strategy:
 @dataclass
 class LASAT(Defense):
     summary = "LAS-AT: a strategy net picks each image's PGD radius/steps/step size, trained by REINFORCE"
+    progress_metrics = ("policy_updates", "policy_entropy", "policy_reward")
     # Grids, in units of the evaluation epsilon (radius, step) or counts (iterations). Paper's CIFAR ranges.
     epsilon_ratios: list[float] = field(default_factory=lambda: [i / 8 for i in range(3, 16)])  # 3..15/255 @ 8/255
     step_counts: list[int] = field(default_factory=lambda: list(range(3, 15)))  # 3..14 iterations
@@ -170,11 +213,15 @@ class LASAT(Defense):
     random_start_ratio: float = 1.0  # start U(-r, r), r = this x eval eps (code: fixed 8/255), clipped to own ball
     label_smoothing: float = 0.3  # target loss; code's factor 0.7 = true-class target 1 - 0.3
     # Strategy-net updates (REINFORCE).
-    update_every: int = 20  # k: the policy is updated on batches k, 2k, ... (paper Table 1: k=20 for PGD-AT)
+    # sized_to_run: interval and lr from the run's length (module docstring); paper: update_every, policy_lr.
+    policy_schedule: Literal["sized_to_run", "paper"] = "sized_to_run"
+    policy_updates_per_run: int = 64  # sized_to_run: target update count (default study: 128 batches -> k=2)
+    policy_travel: float = 8.0  # sized_to_run: lr x updates (each update's gradient clipped to norm 1)
+    update_every: int = 20  # paper's k (Table 1: k=20 for PGD-AT); sized_to_run: the sparsest interval
     alpha: float = 1.0  # weight of L2 (look-ahead robustness); code --b 1
     beta: float = 1.0  # weight of L3 (look-ahead clean accuracy); code --c 1
     reward: Literal["batch", "per_sample"] = "batch"  # batch: code (one scalar); per_sample: paper's estimator
-    policy_lr: float = 1e-4  # SGD without momentum (code)
+    policy_lr: float = 1e-4  # SGD without momentum (code); sized_to_run: the smallest lr
     policy_grad_clip: float = 1.0  # max grad norm of the strategy net (code)
     lookahead_lr: Optional[float] = None  # the copy's one SGD step; None: the target's current lr (the code)
     reward_pgd_steps: int = 10  # L2's attack on the copy (code: PGD-10, step 2/255 at 8/255, 2 restarts)
@@ -201,6 +248,12 @@ class LASAT(Defense):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.update_every < 1:
             raise ValueError(f"update_every must be >= 1, got {self.update_every}")
+        if self.policy_schedule not in ("sized_to_run", PAPER_POLICY_SCHEDULE):
+            raise ValueError(f"policy_schedule must be 'sized_to_run' or 'paper', got {self.policy_schedule!r}")
+        if self.policy_updates_per_run < 1:
+            raise ValueError(f"policy_updates_per_run must be >= 1, got {self.policy_updates_per_run}")
+        if not (math.isfinite(self.policy_travel) and self.policy_travel > 0):
+            raise ValueError(f"policy_travel must be > 0, got {self.policy_travel}")
         for name in ("alpha", "beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -216,7 +269,9 @@ class LASAT(Defense):
     # ----------------------------------------------------------------------------------------- cost
     def cost(self) -> Cost:
         mean_steps = sum(self.step_counts) / len(self.step_counts)
-        k, steps, restarts = self.update_every, self.reward_pgd_steps, self.reward_pgd_restarts
+        # The run's interval is known once set up; before that, the paper's k (= a long run's interval).
+        k = self.update_interval if hasattr(self, "update_interval") else self.update_every
+        steps, restarts = self.reward_pgd_steps, self.reward_pgd_restarts
         extra_forward = mean_steps + 1 + 1 + restarts * (steps + 1) + 2
         extra_backward = mean_steps + 1 + restarts * steps
         return Cost(forward=mean_steps + 1 + extra_forward / k, backward=mean_steps + 1 + extra_backward / k,
@@ -235,12 +290,21 @@ class LASAT(Defense):
             torch.manual_seed(ctx.seed + 104_729)
             self.strategy = StrategyNet(ctx.input_shape, {h: len(g) for h, g in grids.items()},
                                         self.strategy_width).to(ctx.device)
-        self.policy_optimizer = torch.optim.SGD(self.strategy.parameters(), lr=self.policy_lr, momentum=0.0)
+        self.update_interval, policy_lr = self.policy_schedule_for(ctx.steps_per_epoch * ctx.epochs)
+        self.policy_optimizer = torch.optim.SGD(self.strategy.parameters(), lr=policy_lr, momentum=0.0)
         self._grid_tensors = {h: torch.tensor(g, dtype=torch.float32, device=ctx.device) for h, g in grids.items()}
         self._lookahead: nn.Module | None = None
         self.batches_seen = 0
         self.policy_updates = 0
         self._stats = self._empty_stats()
+
+    def policy_schedule_for(self, total_steps: int) -> tuple[int, float]:
+        """(update interval, policy lr) for a run of `total_steps` batches. Every worker has the same number
+        of batches, so all compute the same schedule and update the policy on the same batches."""
+        if self.policy_schedule == PAPER_POLICY_SCHEDULE:
+            return self.update_every, self.policy_lr
+        return sized_policy_schedule(total_steps, self.policy_updates_per_run, self.update_every,
+                                     self.policy_travel, self.policy_lr)
 
     def _empty_stats(self) -> dict[str, Tensor]:
         device = self.ctx.device
@@ -347,7 +411,7 @@ class LASAT(Defense):
     def train_step(self, model, x, y, idx, step, update) -> StepResult:
         self._step = step  # the look-ahead copy steps with the loop's learning rate at this step
         self.batches_seen += 1
-        if self.batches_seen % self.update_every == 0:
+        if self.batches_seen % self.update_interval == 0:
             self.update_policy(model, x, y)
         x_adv, strategy = self.adversarial_examples(model, x, y)
         logits = model(x_adv)
@@ -386,6 +450,9 @@ class LASAT(Defense):
         if updates:  # an epoch shorter than k batches has no policy update
             for name in ("reward", "r1", "r2", "r3"):
                 metrics[f"las/{name}"] = float(merged[name]) / updates
+            metrics["policy_reward"] = metrics["las/reward"]
+        metrics["policy_updates"] = float(self.policy_updates)  # since the start (the same on every worker)
+        metrics["policy_entropy"] = sum(metrics[f"las/{head}/entropy"] for head in HEADS)
         self._average_buffers()
         self._stats = self._empty_stats()
         return metrics
@@ -402,6 +469,7 @@ class LASAT(Defense):
     def state_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy.state_dict(), "optimizer": self.policy_optimizer.state_dict(),
                 "batches_seen": self.batches_seen, "policy_updates": self.policy_updates,
+                "update_interval": self.update_interval,
                 "stats": {k: v.clone() for k, v in self._stats.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -409,6 +477,8 @@ class LASAT(Defense):
         self.policy_optimizer.load_state_dict(state["optimizer"])
         self.batches_seen = int(state["batches_seen"])
         self.policy_updates = int(state["policy_updates"])
+        # A resumed run keeps the cadence it started with (its lr comes back with the optimizer's state).
+        self.update_interval = int(state.get("update_interval", self.update_interval))
         for name, value in state["stats"].items():
             if name not in self._stats or self._stats[name].shape != value.shape:
                 raise ValueError(f"las_at checkpoint statistics {name!r} do not fit this defense's grids")

@@ -56,16 +56,30 @@ class Recorder(nn.Module):
 # ------------------------------------------------------------------------------------------------ config
 def test_defaults_cost_and_validation():
     d = create_defense("atld")
-    assert (d.step_ratio, d.random_start, d.label_smoothing, d.discriminator_steps, d.discriminator_lr) == \
-        (1.0, True, 0.5, 2, 1e-3)
+    assert (d.step_ratio, d.random_start, d.label_smoothing) == (1.0, True, 0.5)
+    assert (d.discriminator_optimizer, d.discriminator_lr, d.discriminator_steps) == ("adam", 1e-3, 2)
+    assert d.discriminator_input == "standardized"
     assert (d.consistency, d.consistency_weight, d.imt, d.imt_plus, d.imt_step_ratio) == \
         ("grad_ratio", 0.5, True, True, 1.0)
     assert d.cost() == Cost(3, 4)
     assert create_defense("atld", {"consistency": "fixed"}).cost() == Cost(3, 2)
     for key, value in [("step_ratio", 0.0), ("label_smoothing", 1.0), ("discriminator_steps", 0),
-                       ("imt_step_ratio", 1.5), ("consistency", "none"), ("discriminator_lr", -1.0)]:
+                       ("imt_step_ratio", 1.5), ("consistency", "none"), ("discriminator_lr", -1.0),
+                       ("discriminator_optimizer", "rmsprop"), ("discriminator_input", "softmax")]:
         with pytest.raises(ConfigError, match=key):
             create_defense("atld", {key: value})
+
+
+def test_discriminator_optimizer_default_and_the_papers_option():
+    _, d = make()
+    assert isinstance(d.d_optimizer, torch.optim.Adam)
+    assert d.d_optimizer.param_groups[0]["lr"] == 1e-3 and d.d_optimizer.param_groups[0]["betas"] == (0.5, 0.999)
+    _, paper = make({"discriminator_optimizer": "sgd", "discriminator_input": "logits"})
+    assert not paper.discriminator.standardize and d.discriminator.standardize
+    group = paper.d_optimizer.param_groups[0]
+    assert isinstance(paper.d_optimizer, torch.optim.SGD)
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (1e-3, 0.9, 2e-4)
+    assert paper.discriminator_steps == 2
 
 
 def test_label_smoothing_follows_the_authors_formula():
@@ -129,14 +143,81 @@ def test_discriminator_step_changes_only_the_discriminator():
 def test_discriminator_learns_to_separate_natural_from_perturbed_logits():
     from robustune.methods.atld import smoothed_targets
 
-    _, d = make({"discriminator_lr": 0.05, "discriminator_steps": 1})
+    _, d = make({"discriminator_optimizer": "sgd", "discriminator_lr": 0.05, "discriminator_steps": 1,
+                 "discriminator_input": "logits"})  # the two sets differ by a shift only
     g = torch.Generator().manual_seed(0)
     natural, perturbed = torch.randn(64, 10, generator=g) + 2.0, torch.randn(64, 10, generator=g) - 2.0
     targets = smoothed_targets(torch.randint(0, 10, (64,), generator=g), 10, 0.5)
-    _, first_accuracy = d.train_discriminator(natural, perturbed, targets)
+    _, first_natural, first_perturbed = d.train_discriminator(natural, perturbed, targets)
     for _ in range(60):
-        loss, accuracy = d.train_discriminator(natural, perturbed, targets)
-    assert accuracy > 0.95 and accuracy > first_accuracy - 1e-6
+        loss, accuracy_natural, accuracy_perturbed = d.train_discriminator(natural, perturbed, targets)
+    assert min(accuracy_natural, accuracy_perturbed) > 0.95
+    assert accuracy_natural + accuracy_perturbed > first_natural + first_perturbed
+
+
+def short_run_accuracy(params, batches=40):
+    """D's accuracy (natural, perturbed) on 10 fresh batches after `batches` others, each batch scored before D
+    trains on it. Natural logits peak at the label; perturbed ones also raise a runner-up class (as a step
+    towards another class does); both noisy. 40 batches are half an epoch of the 3-epoch, 10k-image run."""
+    from robustune.methods.atld import smoothed_targets
+
+    _, d = make(params)
+    g = torch.Generator().manual_seed(0)
+
+    def train_on_fresh_batch():
+        y = torch.randint(0, 10, (64,), generator=g)
+        runner_up = (y + torch.randint(1, 10, (64,), generator=g)) % 10
+        natural = 2.0 * F.one_hot(y, 10).float() + 0.3 * torch.randn(64, 10, generator=g)
+        perturbed = natural + 1.5 * F.one_hot(runner_up, 10).float() + 0.3 * torch.randn(64, 10, generator=g)
+        d.train_discriminator(natural, perturbed, smoothed_targets(y, 10, 0.5))
+
+    for _ in range(batches):
+        train_on_fresh_batch()
+    d.on_epoch_end(None, 0)  # drop the counts of those batches
+    for _ in range(10):
+        train_on_fresh_batch()
+    metrics = d.on_epoch_end(None, 1)
+    return metrics["disc_acc_natural"], metrics["disc_acc_perturbed"]
+
+
+def test_discriminator_leaves_chance_within_a_short_run_with_the_defaults():
+    natural, perturbed = short_run_accuracy({})
+    assert natural > 0.65 and perturbed > 0.65
+    # The paper's D (SGD at 1e-3, sized for hundreds of epochs, on raw logits) is still at chance after as many
+    # batches: it calls nearly everything one way.
+    natural, perturbed = short_run_accuracy({"discriminator_optimizer": "sgd", "discriminator_input": "logits"})
+    assert (natural + perturbed) / 2 < 0.6
+
+
+def test_discriminator_input_standardization_removes_shift_and_scale():
+    _, d = make()
+    _, raw = make({"discriminator_input": "logits"})
+    raw.discriminator.load_state_dict(d.discriminator.state_dict())
+    logits = torch.randn(8, 10)
+    with torch.no_grad():
+        assert torch.allclose(d.discriminator(logits), d.discriminator(3.0 * logits + 5.0), atol=1e-5)
+        assert not torch.allclose(raw.discriminator(logits), raw.discriminator(3.0 * logits + 5.0), atol=1e-3)
+        standardized = (logits - logits.mean(1, keepdim=True)) / logits.std(1, keepdim=True, correction=0)
+        assert torch.allclose(d.discriminator(logits), raw.discriminator(standardized), atol=1e-5)
+
+
+def test_epoch_end_reports_discriminator_accuracy_on_each_side_and_resets():
+    from robustune.methods.atld import ATLD, smoothed_targets
+
+    assert ATLD.progress_metrics == ("disc_acc_natural", "disc_acc_perturbed")
+    _, d = make({"discriminator_lr": 1e-12})  # D stays (practically) where it is set below
+    with torch.no_grad():
+        d.discriminator.head.weight[0] = 0.0
+        d.discriminator.head.bias[0] = 5.0  # calls everything natural
+    y = torch.arange(16) % 10
+    for _ in range(3):
+        d.train_discriminator(torch.randn(16, 10), torch.randn(16, 10), smoothed_targets(y, 10, 0.5))
+    assert d.on_epoch_end(None, 0) == {"disc_acc_natural": 1.0, "disc_acc_perturbed": 0.0}
+    assert d.on_epoch_end(None, 1) == {}  # counts start again each epoch
+    with torch.no_grad():
+        d.discriminator.head.bias[0] = -5.0  # everything perturbed
+    d.train_discriminator(torch.randn(16, 10), torch.randn(16, 10), smoothed_targets(y, 10, 0.5))
+    assert d.on_epoch_end(None, 2) == {"disc_acc_natural": 0.0, "disc_acc_perturbed": 1.0}
 
 
 def test_classifier_update_changes_only_the_classifier():
@@ -188,7 +269,8 @@ def test_train_step_updates_discriminator_and_classifier():
     result = d.train_step(model, x, y, torch.arange(16), 0, sgd_update(model))
     assert any(changed(before_c, model)) and all(changed(before_d, d.discriminator))
     assert torch.isfinite(result.loss) and result.logits.shape == (16, 10)
-    assert 0.0 <= result.metrics["atld_d_acc"] <= 1.0 and result.metrics["atld_consistency_weight"] > 0
+    assert result.metrics["atld_consistency_weight"] > 0 and result.metrics["atld_d_loss"] > 0
+    assert set(d.on_epoch_end(model, 0)) == {"disc_acc_natural", "disc_acc_perturbed"}
 
 
 # ------------------------------------------------------------------------------------------------ IMT
@@ -290,6 +372,65 @@ def test_imt_wrapper_is_differentiable_end_to_end():
     assert (x_pgd - x).abs().max() <= EPS + 1e-6
 
 
+# ------------------------------------------------------------------------------------- adaptive attacks
+def test_attack_surrogates_are_the_bare_classifier_and_the_joint_model():
+    from robustune.methods.atld import JointAttackModel
+
+    model, d = make()
+    surrogates = d.attack_surrogates(model)
+    assert set(surrogates) == {"bare_classifier", "joint"}
+    assert surrogates["bare_classifier"] is model
+    joint = surrogates["joint"]
+    assert isinstance(joint, JointAttackModel) and joint.model is model and joint.discriminator is d.discriminator
+    _, bare = make({"imt": False})  # deployed = the bare classifier, which the evaluation attacks anyway
+    assert bare.attack_surrogates(model) == {}
+
+
+def test_surrogates_map_inputs_to_logits_with_gradients_to_the_input():
+    model, d = trained(params={"imt_step_ratio": 0.5})
+    surrogates = d.attack_surrogates(model)
+    for p in [*model.parameters(), *d.discriminator.parameters()]:
+        p.requires_grad_(False)  # as the evaluation runs them
+    x, y = batch(n=8, seed=5)
+    x = x.clamp(0.2, 0.8).requires_grad_(True)
+    for name, width in (("bare_classifier", 10), ("joint", 11)):  # joint: K classes + D's "natural" column
+        logits = surrogates[name](x)
+        assert logits.shape == (8, width) and torch.isfinite(logits).all()
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), x)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_joint_cross_entropy_is_the_classifier_loss_plus_the_discriminator_loss():
+    model, d = trained()
+    joint = d.attack_surrogates(model)["joint"]
+    x, _ = batch(n=8, seed=6)
+    with torch.no_grad():
+        logits, natural_logit, out = model(x), d.discriminator(model(x))[:, 0], joint(x)
+        assert natural_logit.std() > 0  # D's term varies from input to input
+        d_loss = F.binary_cross_entropy_with_logits(natural_logit, torch.zeros_like(natural_logit), reduction="none")
+        for label in range(10):  # every label, not only the true one
+            y = torch.full((8,), label)
+            expected = F.cross_entropy(logits, y, reduction="none") + d_loss
+            assert torch.allclose(F.cross_entropy(out, y, reduction="none"), expected, atol=1e-5)
+        # The extra column is D's probability of "natural"; the classes keep f's proportions.
+        probs = out.softmax(1)
+        assert torch.allclose(probs[:, 10], torch.sigmoid(natural_logit), atol=1e-6)
+        assert torch.allclose(probs[:, :10] / probs[:, :10].sum(1, keepdim=True), logits.softmax(1), atol=1e-6)
+
+
+def test_pgd_on_the_joint_model_also_fools_the_discriminator():
+    model, d = trained()
+    surrogates = d.attack_surrogates(model)
+    x, y = synthetic(64, offset=1100)
+    natural_score = {}
+    for name, surrogate in surrogates.items():
+        x_adv = pgd(surrogate, x, y, EPS, alpha=EPS / 4, steps=5, generator=torch.Generator().manual_seed(0))
+        assert (x_adv - x).abs().max() <= EPS + 1e-6
+        with torch.no_grad():
+            natural_score[name] = d.discriminator(model(x_adv))[:, 0].mean()
+    assert natural_score["joint"] > natural_score["bare_classifier"]
+
+
 # ----------------------------------------------------------------------------------------------- state
 def test_discriminator_state_round_trip_through_a_weights_only_checkpoint():
     model, d = make()
@@ -302,6 +443,9 @@ def test_discriminator_state_round_trip_through_a_weights_only_checkpoint():
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     for a, b in zip(fresh.discriminator.parameters(), d.discriminator.parameters()):
         assert torch.equal(a, b)
+    assert d._disc_counts[1] == 16 and torch.equal(fresh._disc_counts, d._disc_counts)  # the epoch's D counts
+    older = {key: value for key, value in d.state_dict().items() if key != "disc_counts"}
+    make()[1].load_state_dict(older)  # a checkpoint from before the counts loads (they start at zero)
     # Momentum buffers came back too: the next D steps match exactly.
     from robustune.methods.atld import smoothed_targets
 
@@ -320,7 +464,8 @@ def test_training_loop_epoch_metrics_and_checkpoint():
     loop = TrainingLoop(load_config("atld", overrides=overrides), log=lambda _: None)
     metrics = loop.run_epoch()
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
-    assert {"train/atld_d_acc", "train/atld_d_loss", "val/pgd_acc"} <= set(metrics)
+    assert {"train/disc_acc_natural", "train/disc_acc_perturbed", "train/atld_d_loss", "val/pgd_acc"} <= set(metrics)
+    assert all(0.0 <= metrics[f"train/{name}"] <= 1.0 for name in loop.defense.progress_metrics)
     assert isinstance(loop.defense.inference_model(loop.model), ManifoldTransformedModel)
     buffer = io.BytesIO()
     torch.save(loop.state_dict(), buffer)
@@ -329,8 +474,8 @@ def test_training_loop_epoch_metrics_and_checkpoint():
     fresh.load_state_dict(torch.load(buffer, weights_only=True), "test")
     for a, b in zip(fresh.defense.discriminator.parameters(), loop.defense.discriminator.parameters()):
         assert torch.equal(a, b)
-    assert fresh.defense.discriminator_optimizer.state_dict()["state"].keys() == \
-        loop.defense.discriminator_optimizer.state_dict()["state"].keys()
+    assert fresh.defense.d_optimizer.state_dict()["state"].keys() == \
+        loop.defense.d_optimizer.state_dict()["state"].keys()
 
 
 def test_search_space_is_valid():

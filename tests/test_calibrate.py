@@ -164,3 +164,30 @@ def test_command_reports_user_errors(tmp_path, capsys):
         calibrate_eae(torch.nn.Linear(1, 1), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), epsilon=2.0)
     defaults = parse("--checkpoint", "x")
     assert (defaults.examples, defaults.epsilon, defaults.overrides) == (2000, None, [])
+
+
+def test_a_run_with_calibrate_gamma_trains_with_the_gamma_of_the_papers_rule(trained, tmp_path):
+    """calibrate_gamma: the run measures gamma on its warm-start model and validation split before any step,
+    trains with it, logs it and keeps it in its checkpoints."""
+    from robustune.loop import TrainingLoop
+
+    model, config, splits = trained
+    path = save_checkpoint({"model": model.state_dict(), "config": config.to_dict()}, tmp_path / "final.pt")
+    expected = calibrate_eae(model, splits.val.images, splits.val.labels, epsilon=config.epsilon)["suggested_gamma"]
+    assert expected is not None and expected != 3.63
+    overrides = [*OVERRIDES, f"train.init_from={path}", "method.calibrate_gamma=true", "train.epochs=1",
+                 "validation.examples=64"]
+    loop = TrainingLoop(load_config("eae", overrides=overrides), log=lambda _: None)
+    assert loop.defense.gamma == pytest.approx(expected)
+    metrics = loop.run_epoch()
+    assert metrics["train/gamma"] == pytest.approx(expected)
+    torch.save(loop.state_dict(), tmp_path / "state.pt")
+    resumed = TrainingLoop(load_config("eae", overrides=[*OVERRIDES, "train.epochs=1"]), log=lambda _: None)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True), "test")
+    assert resumed.defense.gamma == pytest.approx(expected)  # from the checkpoint, not the 3.63 default
+
+    with pytest.raises(ValueError, match="init_from"):  # the rule needs a pretrained model
+        TrainingLoop(load_config("eae", overrides=[*OVERRIDES, "method.calibrate_gamma=true"]), log=lambda _: None)
+    with pytest.raises(ValueError, match="validation"):
+        TrainingLoop(load_config("eae", overrides=[*OVERRIDES, f"train.init_from={path}", "data.val_size=0",
+                                                   "method.calibrate_gamma=true"]), log=lambda _: None)

@@ -1,9 +1,11 @@
 """eFGSM + re-constructor: Gamma buffer, start/refinement geometry, joint training of R, robust estimate."""
 
+import copy
 import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from robustune.config import ConfigError
@@ -59,15 +61,19 @@ def linear_model(weights, bias):
 # ------------------------------------------------------------------------------------------------ config
 def test_defaults_cost_and_validation():
     d = create_defense("efgsm")
-    assert (d.sigma_ratio, d.gamma_decay, d.lambda_cls, d.label_smoothing, d.closest_class) == \
-        (0.5, 0.95, 0.1, 0.1, "runner_up")
+    assert (d.sigma_ratio, d.gamma_decay, d.lambda_cls, d.label_smoothing, d.closest_class, d.loss_scale) == \
+        (0.5, 0.95, 0.1, 0.1, "runner_up", "classification")
     assert d.cost() == Cost(2, 2)
     _, exact = make({"closest_class": "all"})
     assert exact.cost() == Cost(2, 11)  # one input gradient per class + the training backward
     for key, value in [("sigma_ratio", -0.1), ("gamma_decay", 1.5), ("lambda_cls", 0.0), ("label_smoothing", 1.0),
-                       ("closest_class", "nearest")]:
+                       ("closest_class", "nearest"), ("loss_scale", "plain"), ("loss_scale", "Paper")]:
         with pytest.raises(ConfigError, match=key):
             create_defense("efgsm", {key: value})
+    # the config layer checks Literal fields itself; the dataclass must refuse a bad loss_scale on its own too
+    from robustune.methods.efgsm import EFGSM
+    with pytest.raises(ValueError, match="loss_scale"):
+        EFGSM(loss_scale="plain")
 
 
 # ------------------------------------------------------------------------------------------- geometry
@@ -217,9 +223,77 @@ def test_one_step_trains_both_the_reconstructor_and_the_target():
     assert any(not torch.equal(a, b) for a, b in zip(before_c, model.parameters()))
     assert 0.0 <= result.metrics["efgsm_robust_est"] <= 1.0
     assert result.logits.shape == (16, 10) and torch.isfinite(result.loss)
-    # loss = L_R + lambda * L_C, with the reported parts
+    # default loss = L_C + L_R / lambda, with the reported parts; the paper's form is L_R + lambda * L_C
+    m = result.metrics
+    assert result.loss.item() == pytest.approx(m["efgsm_cls_loss"] + m["efgsm_rec_loss"] / 0.1, rel=1e-5)
+    model, paper = make({"loss_scale": "paper"})
+    result = paper.train_step(model, x, y, torch.arange(16), 0, sgd_update(model))
     m = result.metrics
     assert result.loss.item() == pytest.approx(m["efgsm_rec_loss"] + 0.1 * m["efgsm_cls_loss"], rel=1e-5)
+
+
+def backward_only(loss):
+    """An `update` that leaves the classifier's gradients in .grad and does not step it."""
+    loss.backward()
+
+
+def reference_gradients(model, reconstructor, x_adv, x, y):
+    """Gradients of plain CE and of MSE(R(softmax(C(x_adv))), x), w.r.t. the classifier's parameters."""
+    params = list(model.parameters())
+    logits = model(x_adv)
+    ce = torch.autograd.grad(F.cross_entropy(logits, y), params, retain_graph=True)
+    rec = torch.autograd.grad(F.mse_loss(reconstructor(F.softmax(logits, dim=1)), x), params)
+    flat = lambda grads: torch.cat([g.flatten() for g in grads]).double()  # noqa: E731
+    return flat(ce), flat(rec)
+
+
+@pytest.mark.parametrize("lambda_cls", [0.1, 1e-5])
+@pytest.mark.parametrize("loss_scale", ["classification", "paper"])
+def test_classifier_gradient_is_plain_ce_plus_reconstruction_at_the_chosen_scale(loss_scale, lambda_cls):
+    # Without label smoothing L_C is plain CE. The classifier's gradient from one training step, written as
+    # a * grad CE + b * grad L_R (least squares), must have a = 1 by default (not lambda) and a = lambda in the
+    # paper's form; b / a = 1 / lambda in both. At init grad L_R is ~5e5x smaller than grad CE: lambda 0.1
+    # pins a, and lambda 1e-5 makes both terms visible in the step, so b is pinned too.
+    model, d = make({"label_smoothing": 0.0, "lambda_cls": lambda_cls, "loss_scale": loss_scale})
+    recorder = Recorder(model)
+    reconstructor_before = copy.deepcopy(d.reconstructor)
+    x, y = batch()
+    d.train_step(recorder, x, y, torch.arange(16), 0, backward_only)
+    x_adv = recorder.inputs[-1]
+    ce, rec = reference_gradients(model, reconstructor_before, x_adv, x, y)
+    step = torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+    ce_weight, rec_weight = (1.0, 1.0 / lambda_cls) if loss_scale == "classification" else (lambda_cls, 1.0)
+    basis = torch.stack([ce, rec], dim=1)
+    (a, b), = torch.linalg.lstsq(basis, step.unsqueeze(1)).solution.T.tolist()
+    assert a == pytest.approx(ce_weight, rel=1e-4)
+    # float32 round-off in the step limits b where its term is tiny (lambda 0.1)
+    rec_tolerance = 1e-4 if lambda_cls < 1e-3 else 2e-3
+    assert b == pytest.approx(rec_weight, rel=rec_tolerance)
+    assert b / a == pytest.approx(1.0 / lambda_cls, rel=rec_tolerance)
+    expected = basis @ torch.tensor([ce_weight, rec_weight], dtype=torch.float64)
+    assert (step - expected).norm() < 1e-4 * expected.norm()
+
+
+def test_reconstructor_steps_on_the_reconstruction_gradient_in_both_forms():
+    # R only appears in L_R; whatever the loss scale, its Adam step must see grad L_R (weight 1).
+    x, y = batch()
+    after = {}
+    for loss_scale in ("classification", "paper"):
+        model, d = make({"loss_scale": loss_scale})
+        recorder = Recorder(model)
+        reconstructor_before = copy.deepcopy(d.reconstructor)
+        torch.manual_seed(3)
+        d.train_step(recorder, x, y, torch.arange(16), 0, backward_only)
+        x_adv = recorder.inputs[-1]
+        with torch.no_grad():
+            probs = F.softmax(model(x_adv), dim=1)
+        expected = torch.autograd.grad(F.mse_loss(reconstructor_before(probs), x),
+                                       list(reconstructor_before.parameters()))
+        for parameter, reference in zip(d.reconstructor.parameters(), expected):
+            assert torch.allclose(parameter.grad, reference, rtol=1e-5, atol=1e-9)
+        after[loss_scale] = [p.detach().clone() for p in d.reconstructor.parameters()]
+    for a, b in zip(after["classification"], after["paper"]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_reconstructor_output_matches_the_input_shape():

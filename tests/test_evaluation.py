@@ -10,6 +10,7 @@ from torch import nn
 
 from robustune import evaluation
 from robustune.config import EvalConfig
+from robustune.stats import wilson_interval
 from robustune.evaluation import FAST_ATTACKS, STANDARD_ATTACKS, build_autoattack, evaluate, format_report
 
 EPS = 0.05
@@ -385,3 +386,78 @@ def test_full_protocol_runs_cw_and_every_attack_on_all_points(problem):
     assert report["pgd"]["restarts"] == 10 and report["cw"]["steps"] == 50 and report["cw_acc"] is not None
     assert report["autoattack"]["attacks"] == list(STANDARD_ATTACKS)
     assert report["robust_acc"] <= min(report["pgd_acc"], report["cw_acc"], report["aa_acc"])
+
+
+# ---------------------------------------------------------------------------------------- intervals
+def test_report_carries_an_interval_for_each_accuracy(basic_report):
+    intervals = basic_report["intervals"]
+    assert set(intervals) == {"clean_acc", "pgd_acc", "aa_acc", "robust_acc"}
+    for name, (low, high) in intervals.items():
+        assert low <= basic_report[name] <= high
+        points = basic_report["n_clean"] if name == "clean_acc" else basic_report["n_pgd"]
+        assert (low, high) == pytest.approx(wilson_interval(round(basic_report[name] * points), points))
+    assert "[" in format_report(basic_report) and "Wilson" in format_report(basic_report)
+
+
+# ------------------------------------------------------------------------- test-time defenses, adaptively
+class RoundedInput(nn.Module):
+    """A test-time step that masks gradients: the input is rounded (zero gradient) before the classifier."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x):
+        return self.classifier(torch.round(x * 8) / 8)
+
+
+class RoundingDefense:
+    """Just the two hooks evaluate_deployed uses; `surrogates` picks what attack_surrogates returns."""
+
+    def __init__(self, surrogates):
+        self.surrogates = surrogates
+
+    def inference_model(self, model):
+        return RoundedInput(model)
+
+    def attack_surrogates(self, model):
+        return self.surrogates(model)
+
+
+def test_adaptive_attacks_can_only_lower_the_deployed_number(problem, tmp_path):
+    from robustune.data import ArrayDataset
+
+    model, x, y = problem
+    test = ArrayDataset(images=(x * 255).round().to(torch.uint8), labels=y)
+    settings = config(autoattack="none", points=64)
+    run = lambda surrogates, folder: evaluation.evaluate_deployed(  # noqa: E731
+        model, RoundingDefense(surrogates), test, epsilon=0.15, eval_config=settings, device="cpu", seed=0,
+        state_dir=tmp_path / folder, log=lambda _: None)
+
+    masked = run(lambda m: {}, "masked")  # attacks through the rounding see zero gradients
+    transfer = run(lambda m: {"bare_classifier": m, "constant": Constant()}, "transfer")
+    adaptive = transfer["adaptive"]
+    assert "adaptive" not in masked and masked["robust_acc"] == adaptive["through_deployed_acc"]
+    # The bare classifier's examples transfer through the rounding: far lower than the masked number.
+    assert adaptive["pgd_acc_on_surrogate"]["bare_classifier"] < masked["robust_acc"] - 0.2
+    assert transfer["robust_acc"] == adaptive["worst_case_acc"]
+    assert transfer["robust_acc"] <= min(adaptive["through_deployed_acc"], *adaptive["pgd_acc_on_surrogate"].values())
+    # Per point: robust only if robust through the deployed model AND under each surrogate's examples.
+    images = test.images.float().div(255)
+    _, flags = evaluation.evaluate_points(RoundedInput(model), images, y, epsilon=0.15, config=settings,
+                                          log=lambda _: None)
+    survived = [evaluation._transfer_robust(s, RoundedInput(model), images, y, epsilon=0.15, alpha=0.15 / 4,
+                                            steps=10, restarts=1, device=torch.device("cpu"), seed=0,
+                                            batch_size=16) for s in (model, Constant())]
+    assert transfer["robust_acc"] == pytest.approx((flags["robust"] & survived[0] & survived[1]).float().mean().item())
+    # A surrogate whose examples fool nothing (the constant model has no gradient) cannot raise the number.
+    only_constant = run(lambda m: {"constant": Constant()}, "constant")
+    assert only_constant["robust_acc"] == masked["robust_acc"]
+    assert transfer["intervals"]["robust_acc"][0] <= transfer["robust_acc"] <= transfer["intervals"]["robust_acc"][1]
+    # The per-point outcomes round-trip through Parquet: one row per attacked point, one column per attack.
+    saved = evaluation.read_outcomes(transfer["outcomes_path"])
+    assert saved["test_index"] == list(range(64)) and saved["label"] == y.tolist()
+    assert saved["adaptive_bare_classifier"] == survived[0].tolist() and saved["adaptive_constant"] == survived[1].tolist()
+    assert saved["robust"] == (flags["robust"] & survived[0] & survived[1]).tolist()
+    assert saved["clean"] == flags["clean"].tolist() and saved["pgd"] == flags["pgd"].tolist()
+    assert sum(saved["robust"]) / 64 == pytest.approx(transfer["robust_acc"])

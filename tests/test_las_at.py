@@ -2,6 +2,7 @@
 
 import io
 import math
+import threading
 
 import pytest
 import torch
@@ -12,21 +13,24 @@ from robustune.resolve import load_config
 from robustune.defense import Cost, DefenseContext, create_defense
 from robustune.models import create_model
 from robustune.loop import TrainingLoop
-from robustune.methods.las_at import smoothed_cross_entropy, strategy_pgd
+from robustune.methods.las_at import sized_policy_schedule, smoothed_cross_entropy, strategy_pgd
 from helpers import sgd_update, snapshot
 
 EPS = 0.1
 # Small settings so a policy update is cheap in tests.
 QUICK = {"step_counts": [1, 2], "reward_pgd_steps": 1, "reward_pgd_restarts": 1}
+# The REINFORCE mechanics are tested at the paper's fixed cadence and lr (update_every, policy_lr exactly);
+# the run-sized schedule has tests of its own below.
+PAPER = {"policy_schedule": "paper"}
 
 
-def make(params=None, epsilon=EPS, batch=16, seed=0):
+def make(params=None, epsilon=EPS, batch=16, seed=0, steps_per_epoch=1, epochs=1, rank=0, world_size=1):
     torch.manual_seed(seed)
     model = create_model("small_cnn", num_classes=10, input_shape=(1, 28, 28), mean=(0.5,), std=(0.25,))
-    defense = create_defense("las_at", params)
+    defense = create_defense("las_at", {**PAPER, **(params or {})})
     defense.setup(model, DefenseContext(epsilon=epsilon, num_classes=10, input_shape=(1, 28, 28),
-                                        num_train_examples=100, epochs=1, steps_per_epoch=1,
-                                        device=torch.device("cpu"), seed=seed,
+                                        num_train_examples=100, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                        device=torch.device("cpu"), seed=seed, rank=rank, world_size=world_size,
                                         learning_rate=lambda step: 0.1))
     g = torch.Generator().manual_seed(seed + 1)
     x, y = torch.rand(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g)
@@ -272,14 +276,15 @@ def test_strategy_net_for_32x32_inputs_is_a_resnet():
                                        num_train_examples=10, epochs=1, steps_per_epoch=1,
                                        device=torch.device("cpu")))
     strategy = defense.sample_strategy(torch.rand(4, 3, 32, 32))
-    assert strategy.epsilon.shape == (4,) and torch.all(strategy.epsilon <= 15 / 8 * 8 / 255 + 1e-9)
+    # float32 grid x eps: 15/255 rounds up to ~2e-9 above the float64 value
+    assert strategy.epsilon.shape == (4,) and torch.all(strategy.epsilon <= 15 / 8 * 8 / 255 + 1e-7)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in defense.strategy.modules()) > 10
 
 
 # ------------------------------------------------------------------------------ the loop, checkpoints
 def test_training_loop_epoch_and_checkpoint_round_trip():
     overrides = ["data.name=synthetic", "data.val_size=500", "validation.examples=100", "train.batch_size=64",
-                 "train.epochs=1", "data.train_subset=640", "method.update_every=4"]
+                 "train.epochs=1", "data.train_subset=640", "method.update_every=4", "method.policy_schedule=paper"]
     loop = TrainingLoop(load_config("las_at", overrides=overrides), log=lambda _: None)
     metrics = loop.run_epoch()
     assert all(math.isfinite(v) for v in metrics.values())
@@ -304,3 +309,176 @@ def test_lookahead_steps_with_the_loops_learning_rate():
     defense._step = 7
     defense.compute_reward(model, x, y, x)
     assert rates == [7]
+
+
+# ------------------------------------------------------------------------------ run-sized policy schedule
+PAPER_LENGTH = 391 * 110  # batches of the authors' CIFAR-10 run: 50k images / 128, 110 epochs
+
+
+@pytest.mark.parametrize("total_steps,interval,lr", [
+    (128, 2, 8 / 64),  # the default study: 4 epochs x 32 batches -> 64 updates
+    (64, 1, 8 / 64),
+    (10, 1, 8 / 10),  # shorter than the target: every batch
+    (640, 10, 8 / 64),
+    (PAPER_LENGTH, 20, 8 / (PAPER_LENGTH // 20)),  # long runs keep the paper's k = 20
+    (10 ** 8, 20, 1e-4),  # lr never below the paper's
+])
+def test_sized_schedule_interval_and_lr(total_steps, interval, lr):
+    assert sized_policy_schedule(total_steps, 64, 20, 8.0, 1e-4) == (interval, pytest.approx(lr))
+    defense = create_defense("las_at")
+    assert defense.policy_schedule == "sized_to_run"
+    assert defense.policy_schedule_for(total_steps) == (interval, pytest.approx(lr))
+
+
+def test_sized_schedule_gives_the_target_count_and_travel():
+    for total_steps in range(1, 2000):
+        interval, lr = sized_policy_schedule(total_steps, 64, 20, 8.0, 1e-4)
+        updates = total_steps // interval
+        assert 1 <= interval <= 20
+        assert updates >= min(total_steps, 64) or interval == 20, total_steps
+        assert updates < 2 * 64 or interval == 1, total_steps  # not far more than asked for
+        assert lr * updates == pytest.approx(8.0), total_steps
+
+
+def test_paper_schedule_is_the_fixed_cadence_and_lr_at_any_run_size():
+    defense = create_defense("las_at", {"policy_schedule": "paper", "update_every": 20, "policy_lr": 1e-4})
+    for total_steps in (10, 128, PAPER_LENGTH):
+        assert defense.policy_schedule_for(total_steps) == (20, 1e-4)
+
+
+def test_setup_applies_the_schedule_of_the_run_and_cost_follows_it():
+    for schedule, interval, lr in (("sized_to_run", 2, 0.125), ("paper", 20, 1e-4)):
+        _, defense, _, _ = make({"policy_schedule": schedule}, steps_per_epoch=32, epochs=4)  # 128 batches
+        assert defense.update_interval == interval
+        assert defense.policy_optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    sized = make({"policy_schedule": "sized_to_run"}, steps_per_epoch=32, epochs=4)[1]
+    assert sized.cost() == Cost(9.5 + 34.5 / 2, 9.5 + 29.5 / 2)
+
+
+def test_policy_updates_follow_the_sized_interval():
+    model, defense, x, y = make({**QUICK, "policy_schedule": "sized_to_run", "policy_updates_per_run": 3},
+                                steps_per_epoch=3, epochs=3)  # 9 batches, 3 updates: k = 3
+    update = sgd_update(model)
+    changes = []
+    for step in range(9):
+        before = snapshot(defense.strategy)
+        defense.train_step(model, x, y, torch.arange(len(y)), step, update)
+        changes.append(changed(before, defense.strategy))
+    assert changes == [False, False, True] * 3 and defense.policy_updates == 3
+
+
+@pytest.mark.parametrize("key,value", [("policy_schedule", "fixed"), ("policy_updates_per_run", 0),
+                                       ("policy_travel", 0.0)])
+def test_schedule_fields_are_validated(key, value):
+    with pytest.raises(ConfigError, match=key):
+        create_defense("las_at", {key: value})
+    with pytest.raises(ValueError, match=key):  # also when built directly, not through the config
+        type(create_defense("las_at"))(**{key: value})
+
+
+# --------------------------------------------------------------------------------- progress metrics
+def test_progress_metrics_are_logged_and_the_update_count_survives_a_checkpoint():
+    assert type(create_defense("las_at")).progress_metrics == ("policy_updates", "policy_entropy",
+                                                                "policy_reward")
+    params = {**QUICK, "policy_schedule": "sized_to_run", "policy_updates_per_run": 4}
+    model, defense, x, y = make(params, batch=32, steps_per_epoch=4, epochs=2)  # 8 batches: k = 2
+    update = sgd_update(model)
+    for step in range(4):
+        defense.train_step(model, x, y, torch.arange(32), step, update)
+    first = defense.on_epoch_end(model, 0)
+    assert first["policy_updates"] == 2
+    assert first["policy_entropy"] == pytest.approx(sum(first[f"las/{h}/entropy"] for h in
+                                                        ("epsilon", "steps", "step_size")))
+    assert 0 < first["policy_entropy"] <= math.log(13) + math.log(2) + math.log(5) + 1e-6
+    assert first["policy_reward"] == first["las/reward"] and math.isfinite(first["policy_reward"])
+    defense.train_step(model, x, y, torch.arange(32), 4, update)
+    defense.train_step(model, x, y, torch.arange(32), 5, update)
+
+    buffer = io.BytesIO()
+    torch.save(defense.state_dict(), buffer)
+    buffer.seek(0)
+    # A fresh defense set up for a different run length (another interval) resumes with the saved one.
+    _, fresh, _, _ = make(params, batch=32, steps_per_epoch=100, epochs=2)
+    assert fresh.update_interval != 2
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert fresh.policy_updates == 3 and fresh.batches_seen == 6 and fresh.update_interval == 2
+    assert fresh.policy_optimizer.param_groups[0]["lr"] == pytest.approx(8 / 4)
+    for step in (6, 7):
+        fresh.train_step(model, x, y, torch.arange(32), step, update)
+    second = fresh.on_epoch_end(model, 1)
+    assert second["policy_updates"] == 4  # counted from the start of training, not per epoch
+    assert second["las/policy_updates"] == 2  # this epoch's: 6 (before the checkpoint) and 8
+
+
+def test_policy_entropy_falls_in_a_short_sized_run_and_not_at_the_paper_schedule():
+    """Through the real loop: 3 epochs of 640 synthetic images (30 batches). Sized to the run, the policy
+    takes 30 updates at lr 8/30 and its entropy falls; at the paper's k=20, lr 1e-4 it stays put."""
+    entropies = {}
+    for schedule in ("sized_to_run", "paper"):
+        overrides = ["data.name=synthetic", "data.val_size=200", "validation.examples=50",
+                     "train.batch_size=64", "train.epochs=3", "data.train_subset=640",
+                     "method.step_counts=[1, 2]", "method.reward_pgd_steps=1", "method.reward_pgd_restarts=1",
+                     f"method.policy_schedule={schedule}"]
+        loop = TrainingLoop(load_config("las_at", overrides=overrides), log=lambda _: None)
+        history = [loop.run_epoch() for _ in range(3)]
+        entropies[schedule] = [m["train/policy_entropy"] for m in history]
+        assert history[-1]["train/policy_updates"] == (30 if schedule == "sized_to_run" else 1)
+    uniform = math.log(13) + math.log(2) + math.log(5)
+    sized, paper = entropies["sized_to_run"], entropies["paper"]
+    assert sized[-1] < sized[0] - 0.3 and sized[-1] < 0.9 * uniform, sized
+    assert abs(paper[-1] - paper[0]) < 0.01 and paper[-1] > 0.99 * uniform, paper
+
+
+class ThreadedGradientMean:
+    """Two 'workers' in two threads: average_gradients averages both ranks' gradients, like the loop's
+    all-reduce (torch.distributed is not initialized in unit tests)."""
+
+    def __init__(self, world_size=2):
+        self.barrier = threading.Barrier(world_size, timeout=30)
+        self.slots = {}
+
+    def for_rank(self, rank):
+        def average_gradients(parameters):
+            grads = [p.grad for p in parameters if p.grad is not None]
+            self.slots[rank] = torch.cat([g.reshape(-1) for g in grads])
+            self.barrier.wait()
+            mean = sum(self.slots[r] for r in sorted(self.slots)) / len(self.slots)
+            self.barrier.wait()
+            offset = 0
+            for g in grads:
+                g.copy_(mean[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        return average_gradients
+
+
+def test_two_workers_keep_one_policy_under_the_sized_schedule():
+    """Each worker trains on its own shard (and its own target copy here, so their rewards differ); the
+    sized schedule is the same on both, they update on the same batches and the strategy nets stay equal."""
+    params = {**QUICK, "policy_schedule": "sized_to_run", "policy_updates_per_run": 2}
+    ranks = [make(params, batch=32, steps_per_epoch=2, epochs=2, rank=r, world_size=2) for r in range(2)]
+    x, y = ranks[0][2], ranks[0][3]
+    initial = snapshot(ranks[0][1].strategy)
+    group, errors = ThreadedGradientMean(), []
+
+    def work(rank):
+        model, defense, _, _ = ranks[rank]
+        defense.ctx.average_gradients = group.for_rank(rank)
+        update = sgd_update(model)
+        try:
+            for step in range(4):
+                defense.train_step(model, x[rank::2], y[rank::2], torch.arange(16), step, update)
+        except Exception as error:  # pragma: no cover - surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    first, second = ranks[0][1], ranks[1][1]
+    assert first.update_interval == second.update_interval == 2 and first.policy_updates == 2
+    assert changed(initial, first.strategy)
+    for a, b in zip(first.strategy.parameters(), second.strategy.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert changed(snapshot(ranks[0][0]), ranks[1][0])  # the targets did differ

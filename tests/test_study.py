@@ -47,9 +47,11 @@ def test_default_study_is_the_flagship_comparison():
     assert not entries["las_at"].tune and not entries["standard"].tune
     pgd = entries["pgd (tuned)"]
     assert pgd.tune and pgd.budget == "las_at"  # PGD-AT searched on LAS-AT's training compute
-    for name in ("fgsm_rs", "slat", "fgsm_pgi", "eae"):
+    for name in ("fgsm_rs", "slat", "fgsm_pgi"):
         assert entries[f"{name} (tuned)"].tune
-    assert entries["eae (tuned)"].init_from == "standard"
+    # EAE as its paper runs it: fine-tuned from the standard model, gamma from its own calibration rule.
+    assert not entries["eae"].tune and entries["eae"].init_from == "standard"
+    assert entries["eae"].overrides["method"]["calibrate_gamma"] is True
     assert study.base["data"]["name"] == "fashion-mnist" and study.base["model"]["name"] == "small_cnn"
     assert study.evaluation["protocol"] == "quick" and len(study.seeds) >= 1
 

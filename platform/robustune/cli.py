@@ -87,10 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     study = commands.add_parser(
         "study", help="run a study: tune and train several defenses the same way, evaluate, build the leaderboard",
         description="Run a study definition (YAML; default: the shipped default study, LAS-AT against PGD-AT tuned "
-                    "on LAS-AT's training compute plus tuned FGSM-RS, SLAT, FGSM-PGI, EAE and standard training on "
-                    "Fashion-MNIST): searches on validation data, final runs over the study's seeds, one fixed "
-                    "evaluation protocol on the test split, and the leaderboard. Everything is logged under one "
-                    "MLflow parent run; an interrupted study continues with --resume.",
+                    "on LAS-AT's training compute plus tuned FGSM-RS, SLAT and FGSM-PGI, EAE fine-tuned from "
+                    "standard training, and standard training on Fashion-MNIST): searches on validation data, "
+                    "final runs over the study's seeds, one fixed evaluation protocol on the test split, and the "
+                    "leaderboard. Everything is logged under one MLflow parent run; an interrupted study continues "
+                    "with --resume.",
         epilog=textwrap.dedent("""\
             examples:
               robustune study                                   # search_spaces/studies/default.yaml

@@ -57,6 +57,11 @@ class DefenseContext:
     world_size: int = 1
     seed: int = 0
     learning_rate: Callable[[int], float] | None = None  # the loop's schedule: lr at a global step
+    # Held-out validation data (images float in [0, 1] on the CPU, labels int64), carved from the training
+    # split, never test: for a defense whose knob is set from data before training (EAE's gamma). None when
+    # the run has no validation split.
+    validation: tuple[Tensor, Tensor] | None = None
+    warm_started: bool = False  # the model starts from train.init_from weights, not from a random init
 
     def current_learning_rate(self, step: int) -> float:
         if self.learning_rate is None:
@@ -100,6 +105,9 @@ class Defense:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for `robustune methods`
+    # Names of its own `on_epoch_end` metrics whose first and last epoch the leaderboard shows next to the
+    # defense's row (e.g. a learned part's entropy or accuracy: did it learn within the run?).
+    progress_metrics: ClassVar[tuple[str, ...]] = ()
     commands: ClassVar[tuple[DefenseCommand, ...]] = ()  # CLI subcommands the defense contributes
 
     def cost(self) -> Cost:
@@ -129,6 +137,14 @@ class Defense:
         """The model as deployed: a test-time defense (ATLD's IMT) wraps it, and every validation and test
         attack then goes through the wrapper, never around it."""
         return model
+
+    def attack_surrogates(self, model: nn.Module) -> dict[str, nn.Module]:
+        """For a test-time defense: models (inputs in [0, 1] -> logits) on which the evaluation crafts extra
+        adversarial examples that it then scores on the deployed model (`inference_model`), such as the bare
+        classifier (a transfer attack around the test-time step) or a joint model of every part an attacker
+        could aim at. A point counts as robust only if it survives every attack, so these can only lower the
+        deployed number. Empty for a defense without a test-time step."""
+        return {}
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
         """Metrics to log for the epoch (names without prefix; logged as train/<name>)."""

@@ -25,6 +25,7 @@ always fails with "different set of attacks"), hence our own per-chunk state.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,7 +41,8 @@ from torch import Tensor, nn
 
 from robustune.attacks import pgd
 from robustune.config import EvalConfig
-from robustune.storage import Location, location, write_atomic
+from robustune.stats import wilson_interval
+from robustune.storage import Location, location, read_parquet, write_atomic, write_parquet
 
 __all__ = ["Protocol", "resolve_protocol", "FAST_ATTACKS", "STANDARD_ATTACKS", "evaluate", "format_report",
            "build_autoattack"]
@@ -185,6 +187,31 @@ def _digest(named_tensors) -> str:
 def _save_json(path: Location, data: dict) -> None:
     """Write atomically, so an interruption mid-write leaves the previous state intact."""
     write_atomic(path, json.dumps(data).encode())
+
+
+@contextlib.contextmanager
+def _frozen(*models: nn.Module):
+    """Every module in eval mode and every parameter without requires_grad (FAB calls .backward(), which would
+    otherwise accumulate into .grad), both restored afterwards."""
+    modes = {module: module.training for model in models for module in model.modules()}
+    grad_flags = {param: param.requires_grad for model in models for param in model.parameters()}
+    for model in models:
+        model.eval()
+    for param in grad_flags:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        for param, flag in grad_flags.items():
+            param.requires_grad_(flag)
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    """The CUDA device whose RNG an evaluation forks (none on the CPU)."""
+    return [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
 
 
 # ----------------------------------------------------------------------------------------- phases
@@ -409,7 +436,18 @@ def _masking_checks(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tenso
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon: float, config: EvalConfig,
              device: torch.device | str = "cpu", seed: int = 0, state_dir: Location | None = None,
              log: Callable[[str], None] = print) -> dict:
-    """Accuracy of `model` on (images, labels) under the protocol `config.protocol`, with masking checks.
+    """Accuracy of `model` on (images, labels) under the protocol `config.protocol`, with masking checks
+    (`evaluate_points` without the per-point outcomes)."""
+    return evaluate_points(model, images, labels, epsilon=epsilon, config=config, device=device, seed=seed,
+                           state_dir=state_dir, log=log)[0]
+
+
+def evaluate_points(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon: float, config: EvalConfig,
+                    device: torch.device | str = "cpu", seed: int = 0, state_dir: Location | None = None,
+                    log: Callable[[str], None] = print) -> tuple[dict, dict[str, Tensor]]:
+    """Accuracy of `model` on (images, labels) under the protocol `config.protocol`, with masking checks, and
+    the per-point outcomes: {"clean", "pgd", "cw", "aa", "robust"} -> bool (n_attack,) for the attacked points
+    (the first `protocol.points`), an attack that did not run left out.
 
     images: float (N, C, H, W) in [0, 1] on the CPU (moved to `device` batch by batch); labels: int64 (N,).
     The model maps [0, 1] inputs to logits. It is put in eval mode for the whole evaluation (each module's
@@ -432,19 +470,13 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon: float
     batch = config.batch_size
     seconds: dict[str, float] = {}
 
-    modes = {module: module.training for module in model.modules()}
-    grad_flags = {param: param.requires_grad for param in model.parameters()}
-    model.eval()
-    for param in grad_flags:
-        param.requires_grad_(False)
-    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=cuda_devices):
+    with _frozen(model):
+        with torch.random.fork_rng(devices=_cuda_devices(device)):
             t0 = time.perf_counter()
             preds, n_classes = _clean_predictions(model, images, batch, device)
             clean_correct = preds == labels
             clean_acc = clean_correct.float().mean().item()
+            clean_hits = int(clean_correct.sum())
             seconds["clean"] = time.perf_counter() - t0
             log(f"eval [{protocol.name}]: clean acc {clean_acc:.4f} on {n} points in {seconds['clean']:.1f}s")
             clean_correct = clean_correct[:n_attack]
@@ -499,12 +531,12 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon: float
             report_warnings = _summarize_warnings(messages)
             for message in report_warnings:
                 log(f"eval: warning: {message}")
-    finally:
-        for module, training in modes.items():
-            module.training = training
-        for param, flag in grad_flags.items():
-            param.requires_grad_(flag)
 
+    flags = {"clean": clean_correct, "pgd": pgd_flags, "robust": whitebox}
+    if cw_acc is not None:
+        flags["cw"] = cw_flags
+    if aa_acc is not None:
+        flags["aa"] = aa_flags
     autoattack = {"version": protocol.autoattack, "attacks": attacks, "package": _package_version()}
     if protocol.autoattack != "none":
         autoattack.update({"resumed_chunks": resumed_chunks, "shards": config.workers, "chunk_points": batch})
@@ -525,23 +557,47 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon: float
         "warnings": report_warnings,
         "seconds": seconds,
         "seed": int(seed),
-    }
+        "intervals": accuracy_intervals(n, clean_hits, n_attack, {"pgd_acc": pgd_flags, "cw_acc": flags.get("cw"),
+                                                                  "aa_acc": flags.get("aa"), "robust_acc": whitebox}),
+    }, flags
+
+
+def accuracy_intervals(n_clean: int, clean_hits: int, n_attack: int,
+                       attack_flags: dict[str, Tensor | None]) -> dict[str, list[float]]:
+    """Each accuracy's 95% Wilson interval over the points it was measured on: {"clean_acc": [low, high], ...}."""
+    intervals = {"clean_acc": list(wilson_interval(clean_hits, n_clean))}
+    for name, flags in attack_flags.items():
+        if flags is not None:
+            intervals[name] = list(wilson_interval(int(flags.sum()), n_attack))
+    return intervals
 
 
 def format_report(report: dict) -> str:
     """A few lines naming the protocol, each attack, its steps/restarts, epsilon and the number of points."""
     pgd_cfg, aa = report["pgd"], report["autoattack"]
-    rows = [("clean", f"{report['clean_acc']:.4f} ({report['n_clean']} pts)"),
+    intervals = report.get("intervals") or {}
+
+    def accuracy(name: str) -> str:  # "0.8123 [0.7950, 0.8286]": the value and its 95% interval
+        bounds = intervals.get(name)
+        return f"{report[name]:.4f}" + (f" [{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else "")
+
+    rows = [("clean", f"{accuracy('clean_acc')} ({report['n_clean']} pts)"),
             (f"PGD-{pgd_cfg['steps']}x{pgd_cfg['restarts']} (alpha {pgd_cfg['alpha']:.4f}, {pgd_cfg['loss'].upper()})",
-             f"{report['pgd_acc']:.4f} ({report['n_pgd']} pts)")]
+             f"{accuracy('pgd_acc')} ({report['n_pgd']} pts)")]
     if report.get("cw_acc") is not None:
-        rows.append((f"CW-{report['cw']['steps']}", f"{report['cw_acc']:.4f} ({report['n_pgd']} pts)"))
+        rows.append((f"CW-{report['cw']['steps']}", f"{accuracy('cw_acc')} ({report['n_pgd']} pts)"))
     if report["aa_acc"] is None:
         rows.append(("AutoAttack", "not run"))
     else:
         rows.append((f"AutoAttack {aa['version']} [{', '.join(aa['attacks'])}]",
-                     f"{report['aa_acc']:.4f} ({report['n_aa']} pts; clean {report['aa_clean_acc']:.4f} on these)"))
-    rows.append(("robust to all of the above", f"{report['robust_acc']:.4f}"))
+                     f"{accuracy('aa_acc')} ({report['n_aa']} pts; clean {report['aa_clean_acc']:.4f} on these)"))
+    adaptive = report.get("adaptive")
+    if adaptive:
+        for name, value in adaptive["pgd_acc_on_surrogate"].items():
+            rows.append((f"PGD crafted on {name}, scored deployed", f"{value:.4f} ({adaptive['n']} pts)"))
+    rows.append(("robust to all of the above", accuracy("robust_acc")))
+    if intervals:
+        rows.append(("", "[brackets: 95% Wilson interval over the evaluated points]"))
     checks = report.get("checks")
     if checks:
         failed = [name for name in ("more_steps", "larger_epsilon", "unbounded", "black_box")
@@ -558,17 +614,105 @@ def format_report(report: dict) -> str:
 
 def evaluate_deployed(model, defense, test, *, epsilon: float, eval_config, device, seed: int, state_dir: Location,
                       log: Callable[[str], None]) -> dict[str, Any]:
-    """Evaluate what the defense deploys (its test-time step included); then the bare classifier if they differ."""
+    """Evaluate what the defense deploys (its test-time step included); for a test-time defense, then attacks
+    crafted on its `attack_surrogates` and scored on the deployed model (the deployed number, `robust_acc`, is
+    the per-point worst case over every attack), and the bare classifier on its own."""
     test_images = test.images.float().div(255)
     deployed = defense.inference_model(model)
-    report = evaluate(deployed, test_images, test.labels, epsilon=epsilon, config=eval_config, device=device,
-                      seed=seed, state_dir=state_dir, log=log)
+    report, flags = evaluate_points(deployed, test_images, test.labels, epsilon=epsilon, config=eval_config,
+                                    device=device, seed=seed, state_dir=state_dir, log=log)
     if deployed is not model:
         # A test-time defense: the numbers above attacked the whole pipeline; the bare classifier's follow.
         report["attacked_through"] = (f"{type(deployed).__name__}: the defense's test-time step is part of the "
                                       "model every attack saw")
+        surrogates = defense.attack_surrogates(model)
+        if surrogates:
+            report["adaptive"], surrogate_flags = adaptive_attacks(
+                deployed, surrogates, test_images, test.labels, flags["robust"], epsilon=epsilon,
+                config=eval_config, device=device, seed=seed, log=log)
+            flags.update({f"adaptive_{name}": survived for name, survived in surrogate_flags.items()})
+            for survived in surrogate_flags.values():
+                flags["robust"] = flags["robust"] & survived
+            report["robust_acc"] = report["adaptive"]["worst_case_acc"]
+            report["intervals"]["robust_acc"] = report["adaptive"]["worst_case_interval"]
         log("evaluating the bare classifier (without the test-time step)")
         report["bare_classifier"] = evaluate(model, test_images, test.labels, epsilon=epsilon, config=eval_config,
                                              device=device, seed=seed, state_dir=location(state_dir) / "bare",
                                              log=log)
+    if state_dir is not None:
+        path = location(state_dir) / OUTCOMES_FILE
+        write_outcomes(flags, test.labels, path)
+        report["outcomes_path"] = str(path)
     return report
+
+
+OUTCOMES_FILE = "outcomes.parquet"  # per attacked test point: correct clean and under each attack
+
+
+def write_outcomes(flags: dict[str, Tensor], labels: Tensor, path: Location) -> None:
+    """One row per attacked test point (its index in the evaluated test split, its label) and one boolean column
+    per outcome (clean, pgd, cw, aa, adaptive_<surrogate>, robust = under every attack), so any comparison
+    between runs evaluated on the same points can be recomputed and paired."""
+    import pyarrow as pa
+
+    n = flags["clean"].shape[0]
+    columns = {"test_index": pa.array(range(n), type=pa.int32()),
+               "label": pa.array(labels[:n].tolist(), type=pa.int16())}
+    columns.update({name: pa.array(values.bool().tolist(), type=pa.bool_()) for name, values in flags.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_parquet(pa.table(columns), path)
+
+
+def read_outcomes(path: str | Location) -> dict[str, Any]:
+    """An outcomes file as {column: list}."""
+    return read_parquet(location(path)).to_pydict()
+
+
+def adaptive_attacks(deployed: nn.Module, surrogates: dict[str, nn.Module], images: Tensor, labels: Tensor,
+                     robust_so_far: Tensor, *, epsilon: float, config: EvalConfig, device: torch.device | str,
+                     seed: int, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """PGD (the protocol's steps, restarts and step size) crafted on each surrogate and scored on the deployed
+    model, on the protocol's attacked points. A point stays robust only if it survived the attacks through the
+    deployed model (`robust_so_far`) and every surrogate's examples, so the worst case can only be lower.
+    Returns the summary and, per surrogate, the per-point flags."""
+    device = torch.device(device)
+    protocol = resolve_protocol(config)
+    n_attack = robust_so_far.shape[0]
+    x, y = images[:n_attack].detach().cpu().float(), labels[:n_attack].detach().cpu().long()
+    worst = robust_so_far.clone()
+    accuracies: dict[str, float] = {}
+    survived_by_name: dict[str, Tensor] = {}
+    started = time.perf_counter()
+    with _frozen(deployed, *surrogates.values()), torch.random.fork_rng(devices=_cuda_devices(device)):
+        for name, surrogate in surrogates.items():
+            survived = _transfer_robust(surrogate, deployed, x, y, epsilon=epsilon,
+                                        alpha=protocol.pgd_alpha_ratio * epsilon, steps=protocol.pgd_steps,
+                                        restarts=protocol.pgd_restarts, device=device, seed=seed,
+                                        batch_size=config.batch_size)
+            accuracies[name] = survived.float().mean().item()
+            survived_by_name[name] = survived
+            worst &= survived
+            log(f"eval: PGD-{protocol.pgd_steps} crafted on {name}, scored on the deployed model: acc "
+                f"{accuracies[name]:.4f} on {n_attack} points")
+    worst_acc = worst.float().mean().item()
+    log(f"eval: deployed worst case over every attack {worst_acc:.4f} (through the deployed model alone "
+        f"{robust_so_far.float().mean().item():.4f}) in {time.perf_counter() - started:.1f}s")
+    summary = {"pgd_acc_on_surrogate": accuracies, "through_deployed_acc": robust_so_far.float().mean().item(),
+               "worst_case_acc": worst_acc, "worst_case_interval": list(wilson_interval(int(worst.sum()), n_attack)),
+               "attack": f"PGD-{protocol.pgd_steps}x{protocol.pgd_restarts} (CE) on each surrogate", "n": n_attack}
+    return summary, survived_by_name
+
+
+def _transfer_robust(surrogate: nn.Module, target: nn.Module, x: Tensor, y: Tensor, *, epsilon: float, alpha: float,
+                     steps: int, restarts: int, device: torch.device, seed: int, batch_size: int) -> Tensor:
+    """Per-example flags (N,): `target` still classifies correctly the PGD examples crafted on `surrogate`."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    flags = []
+    for start, end in _batches(x.shape[0], batch_size):
+        xb, yb = x[start:end].to(device), y[start:end].to(device)
+        x_adv = pgd(surrogate, xb, yb, epsilon, alpha=alpha, steps=steps, restarts=restarts, random_start=True,
+                    loss="ce", generator=generator)
+        _check_adversarial(x_adv, xb, epsilon, "PGD (transfer)")
+        with torch.no_grad():
+            flags.append((target(x_adv).argmax(1) == yb).cpu())
+    return torch.cat(flags)

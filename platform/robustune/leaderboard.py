@@ -2,8 +2,16 @@
 
 Columns: defense, tuned knobs, clean / PGD / AutoAttack / all-attacks accuracy as mean and spread (sample
 standard deviation) over seeds, training compute per run, search trials and search compute, total compute
-(search + every seed's training + a warm start's training), overfitting alarms, evaluation warnings. Compute is
-worker-seconds inside training epochs (validation included), the quantity a search budget is measured in.
+(search + every seed's training + a warm start's training), overfitting alarms, evaluation warnings, training
+diagnostics and progress. Compute is worker-seconds inside training epochs (validation included), the quantity a
+search budget is measured in.
+
+Training diagnostics (`diagnostics`, from each final run's MLflow metric history, by robustune.loop.diagnosis):
+collapsed (the model ended at chance), label leak (training inputs that give the label away), overfit (the
+catastrophic-overfitting alarm), per seed with epochs; and a tuned entry whose search named no winner, which has
+no numbers. Progress (`progress`): for each of the defense class's `progress_metrics` (its own on_epoch_end
+metrics, logged as train/<name>), the first and the last epoch's value of each seed's run, e.g.
+"policy_entropy 2.30 -> 1.41" (one number when they are equal), so a learned part that never learned shows.
 Written as leaderboard.{md,csv,parquet} with two plots (robust vs clean accuracy; robust accuracy vs total
 compute) in <study>/leaderboard/, printed, and logged to the study's MLflow parent run.
 """
@@ -40,8 +48,39 @@ def search_compute(search_dir: str | Location) -> tuple[int, float]:
     return len(rows), sum(float(r.get("epochs_s") or 0.0) for r in rows) * workers
 
 
+def run_diagnosis(mlflow_client, run_id: str) -> dict[str, list[int]]:
+    """A run's training diagnostics (robustune.loop.diagnosis) from its MLflow metric history."""
+    from robustune.loop import DIAGNOSTIC_METRICS, diagnosis
+
+    by_epoch: dict[int, dict[str, float]] = {}
+    for key in DIAGNOSTIC_METRICS.values():
+        for metric in mlflow_client.get_metric_history(run_id, key):
+            by_epoch.setdefault(metric.step, {"epoch": float(metric.step)})[key] = metric.value
+    return diagnosis([by_epoch[step] for step in sorted(by_epoch)])
+
+
+def progress_note(mlflow_client, run_id: str, names: tuple[str, ...]) -> str:
+    """'policy_entropy 2.30 -> 1.41, policy_updates 40': each metric's first and last epoch in the run."""
+    parts = []
+    for name in names:
+        history = sorted(mlflow_client.get_metric_history(run_id, f"train/{name}"), key=lambda m: m.step)
+        if not history:
+            parts.append(f"{name} not logged")
+            continue
+        first, last = _number(history[0].value), _number(history[-1].value)
+        parts.append(f"{name} {first}" if first == last else f"{name} {first} -> {last}")
+    return ", ".join(parts)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:#.3g}"  # a count as such, else 2.30
+
+
 def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]:
     from robustune import tracking
+    from robustune.defense import defense_class
+    from robustune.loop import describe_diagnosis
+    from robustune.search import no_winner as search_no_winner
 
     state = StudyState.load(study_dir)
     study = state.study
@@ -52,7 +91,13 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
         records = state.runs_of(entry.label)
         metrics: dict[str, list[float]] = {k: [] for k in ("clean", "pgd", "aa", "robust", "train_s")}
         alarms, warnings, failed, protocols = 0, [], 0, set()
-        for record in records:
+        diagnostics, progress = [], []
+        progress_names = defense_class(entry.defense).progress_metrics
+        search = state.searches.get(entry.label)
+        no_winner = search_no_winner(search.search_dir) if search else None
+        if no_winner:
+            diagnostics.append(f"search named no winner, not retrained: {no_winner}")
+        for record in sorted(records, key=lambda r: r.seed):
             if record.failed or record.run_id is None or record.evaluation is None:
                 failed += 1
                 continue
@@ -68,11 +113,16 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
             if run.data.tags.get("eval/warning"):
                 warnings.append(f"seed {record.seed}: {run.data.tags['eval/warning']}")
             protocols.add(run.data.tags.get("eval/protocol", "?"))
-        search = state.searches.get(entry.label)
+            fired = run_diagnosis(mlflow_client, record.run_id)
+            if fired:
+                diagnostics.append(f"seed {record.seed}: {describe_diagnosis(fired)}")
+            if progress_names:
+                progress.append(f"seed {record.seed}: {progress_note(mlflow_client, record.run_id, progress_names)}")
         trials, search_s = search_compute(search.search_dir) if search else (0, 0.0)
         row: dict[str, Any] = {
             "defense": entry.label, "method": entry.defense, "tuned": entry.tune,
-            "tuned_knobs": (", ".join(f"{k}={_short(v)}" for k, v in sorted(search.best_params.items()))
+            "tuned_knobs": ("none (no winner)" if no_winner else
+                            ", ".join(f"{k}={_short(v)}" for k, v in sorted(search.best_params.items()))
                             if search else "defaults"),
             "seeds": len(metrics["clean"]), "failed_runs": failed,
         }
@@ -85,6 +135,9 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
         row["overfit_alarms"] = alarms
         row["warnings"] = len(warnings)
         row["warning_text"] = " | ".join(warnings)
+        row["no_winner"] = no_winner  # why a tuned entry's search named no best trial (then it has no runs)
+        row["diagnostics"] = " | ".join(diagnostics) or None
+        row["progress"] = " | ".join(progress) or None
         row["protocol"] = ", ".join(sorted(protocols)) or None
         row["init_from"] = entry.init_from
         row["budget_of"] = entry.budget
@@ -104,13 +157,20 @@ def headline(rows: list[dict[str, Any]], featured: str | None) -> str:
     """How the featured defense compares with the best tuned baseline at equal budget, in numbers."""
     by_label = {r["defense"]: r for r in rows}
     star = by_label.get(featured) if featured else None
+    # Entries without numbers because their search named no winner are named, never silently dropped.
+    lost = [r["defense"] for r in rows if r["no_winner"]]
+    lost_text = f"; no numbers (search named no winner): {', '.join(lost)}" if lost else ""
     if star is None or star["aa_mean"] is None:
         best = rows[0] if rows and rows[0]["aa_mean"] is not None else None
-        return f"best defense: {best['defense']} (AutoAttack {best['aa_mean']:.4f})" if best else "no results"
+        parts = [f"{featured}: no AutoAttack result"] if star is not None else []
+        if best:
+            parts.append(f"best defense: {best['defense']} (AutoAttack {best['aa_mean']:.4f})")
+        return "; ".join(parts or ["no results"]) + lost_text
     equal_budget = [r for r in rows if r["budget_of"] == featured and r["aa_mean"] is not None]
     pool = equal_budget or [r for r in rows if r["tuned"] and r["aa_mean"] is not None]
     if not pool:
-        return f"{featured}: AutoAttack {star['aa_mean']:.4f}, clean {star['clean_mean']:.4f}; no tuned baseline"
+        return (f"{featured}: AutoAttack {star['aa_mean']:.4f}, clean {star['clean_mean']:.4f}; no tuned baseline"
+                + lost_text)
     rival = max(pool, key=lambda r: r["aa_mean"])
     which = "at equal budget" if equal_budget else "(no baseline searched on its budget; best tuned one)"
     aa_diff = 100 * (star["aa_mean"] - rival["aa_mean"])
@@ -120,7 +180,8 @@ def headline(rows: list[dict[str, Any]], featured: str | None) -> str:
             f"AutoAttack accuracy ({star['aa_mean']:.4f} vs {rival['aa_mean']:.4f}) and {clean_diff:+.1f} points of "
             f"clean accuracy ({star['clean_mean']:.4f} vs {rival['clean_mean']:.4f}); compute "
             f"{star['total_s']:.0f} vs {rival['total_s']:.0f} worker-seconds (search {rival['search_s']:.0f}"
-            + (f" of a {rival['search_budget_s']:.0f} budget" if rival.get("search_budget_s") else "") + ")")
+            + (f" of a {rival['search_budget_s']:.0f} budget" if rival.get("search_budget_s") else "") + ")"
+            + lost_text)
 
 
 def _cell(mean: float | None, spread: float | None) -> str:
@@ -132,19 +193,36 @@ def _cell(mean: float | None, spread: float | None) -> str:
 def markdown(rows: list[dict[str, Any]], title: str, head: str, notes: list[str]) -> str:
     lines = [f"# {title}", "", f"**{head}**", "",
              "| defense | tuned knobs | clean | PGD | AutoAttack | all attacks | train s/run | search trials | "
-             "search s | total s | overfit alarms | warnings |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "search s | total s | overfit alarms | warnings | diagnostics |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['defense']} | {r['tuned_knobs']} | {_cell(r['clean_mean'], r['clean_std'])} | "
             f"{_cell(r['pgd_mean'], r['pgd_std'])} | {_cell(r['aa_mean'], r['aa_std'])} | "
             f"{_cell(r['robust_mean'], r['robust_std'])} | {r['train_s'] or 0:.0f} | {r['search_trials']} | "
-            f"{r['search_s']:.0f} | {r['total_s']:.0f} | {r['overfit_alarms']} | {r['warnings']} |")
+            f"{r['search_s']:.0f} | {r['total_s']:.0f} | {r['overfit_alarms']} | {r['warnings']} | "
+            f"{_diagnostic_labels(r)} |")
     lines += ["", *notes]
     warned = [r for r in rows if r["warning_text"]]
     if warned:
         lines += ["", "Evaluation warnings:"] + [f"- {r['defense']}: {r['warning_text'][:600]}" for r in warned]
+    diagnosed = [r for r in rows if r["diagnostics"]]
+    if diagnosed:
+        lines += ["", "Training diagnostics (collapsed: ended at chance accuracy; label_leak: training inputs "
+                      "give the label away; overfit: catastrophic-overfitting alarm; @ epochs):"]
+        lines += [f"- {r['defense']}: {r['diagnostics'][:600]}" for r in diagnosed]
+    progressed = [r for r in rows if r["progress"]]
+    if progressed:
+        lines += ["", "Progress (the defense's own metrics, first -> last epoch):"]
+        lines += [f"- {r['defense']}: {r['progress'][:600]}" for r in progressed]
     return "\n".join(lines) + "\n"
+
+
+def _diagnostic_labels(row: dict[str, Any]) -> str:
+    """The table cell: which diagnostics fired for the row (details below the table)."""
+    labels = ["no winner"] if row["no_winner"] else []
+    labels += [name for name in ("collapsed", "label_leak", "overfit") if f"{name}@" in (row["diagnostics"] or "")]
+    return ", ".join(labels) or "-"
 
 
 def plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[Path]:

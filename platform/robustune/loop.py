@@ -5,7 +5,9 @@
   global step, so the schedule resumes exactly, and the random state is reseeded from (seed, epoch, rank),
   so a resumed run draws the same noise as an uninterrupted one;
 - `TrainingLoop.validate` + `ModelSelection`: clean and PGD accuracy on the held-out split, the best epoch's
-  weights, and the catastrophic-overfitting alarm.
+  weights, and the catastrophic-overfitting alarm;
+- `epoch_diagnostics` + `diagnosis`: did the defense work at all? Generic checks on every epoch (a model at
+  chance, training inputs that give the label away), reported with the overfitting alarm.
 
 The loop knows nothing of Ray or MLflow: the worker function (robustune.worker) runs it on Ray, the
 overhead benchmark runs it bare.
@@ -29,6 +31,18 @@ from robustune.defense import Defense, DefenseContext, StepResult, average_gradi
 from robustune.models import create_model
 
 TRAIN_CLEAN_EXAMPLES = 1000  # fixed training subset for the epoch-end clean accuracy
+
+# Training diagnostics (see `epoch_diagnostics`). A model is collapsed when its clean accuracy is at most
+# COLLAPSE_FACTOR x chance: 0.15 on 10 classes. Healthy runs measured above it after their first epoch (Fashion-
+# MNIST, eps 0.1, FGSM / FGSM-RS / PGD-AT: val clean 0.22-0.29 on 1000-2000 images, 0.55-0.58 on 5000; the
+# synthetic tiny-study trials 0.21 and up), while a model that learned nothing (lr 1e-7) sits at 0.10.
+COLLAPSE_FACTOR = 1.5
+# Label leak: accuracy on the defense's own training inputs (`train/acc`) exceeds the model's clean accuracy by
+# more than this. An adversarial training input is harder than a clean one, so a healthy defense has train/acc
+# below clean accuracy; far above it means the inputs carry the label (e.g. a perturbation that encodes it).
+LABEL_LEAK_GAP = 0.3
+# Run-level diagnostics and the per-epoch 0/1 metric each reads.
+DIAGNOSTIC_METRICS = {"collapsed": "diag/collapsed", "label_leak": "diag/label_leak", "overfit": "alarm/overfit"}
 
 
 class TrainingError(RuntimeError):
@@ -97,7 +111,9 @@ def build_setup(config: Config, rank: int, world_size: int, device: torch.device
         epsilon=config.epsilon, num_classes=info.num_classes, input_shape=info.input_shape,
         num_train_examples=len(splits.train), epochs=epochs, steps_per_epoch=steps_per_epoch, device=device,
         rank=rank, world_size=world_size, seed=config.seed,
-        learning_rate=lambda step: learning_rate(train, step, total_steps)))
+        learning_rate=lambda step: learning_rate(train, step, total_steps),
+        validation=((splits.val.images.float().div(255), splits.val.labels) if splits.val is not None else None),
+        warm_started=bool(train.init_from)))
     return TrainingSetup(splits, train_loader, model, optimizer, defense, epochs, steps_per_epoch)
 
 
@@ -161,6 +177,51 @@ class ModelSelection:
         self.best_epoch, self.best_val_pgd = best["epoch"], best["val_pgd_acc"]
         self.best_weights, self.best_alarm_metric = best["model"], best["alarm_metric"]
         self.stop_reason = stop_reason
+
+
+# ------------------------------------------------------------------------------------------ diagnostics
+def epoch_diagnostics(metrics: dict[str, float], num_classes: int) -> dict[str, float]:
+    """The epoch's diagnostics from its validated metrics, as MLflow metrics:
+
+    - `diag/collapsed` (0/1): the clean accuracy (`val/clean_acc`; `train/clean_acc` for a run without
+      validation data) is at most COLLAPSE_FACTOR / num_classes: the model is at chance, the defense did not work;
+    - `diag/label_leak` (0/1) and `diag/leak_gap`: `train/acc` (the running accuracy on the defense's training
+      inputs, from StepResult.logits) minus the model's clean accuracy, leak when above LABEL_LEAK_GAP. The
+      clean accuracy here is the higher of validation and training-set clean accuracy, so a model that simply
+      memorized a small training set (clean training images right too) is not taken for a leak."""
+    clean = metrics.get("val/clean_acc", metrics["train/clean_acc"])
+    reference = max(metrics.get("val/clean_acc", 0.0), metrics["train/clean_acc"])
+    gap = metrics["train/acc"] - reference
+    return {"diag/collapsed": float(clean <= COLLAPSE_FACTOR / num_classes),
+            "diag/label_leak": float(gap > LABEL_LEAK_GAP), "diag/leak_gap": gap}
+
+
+def diagnosis(history: list[dict[str, float]]) -> dict[str, list[int]]:
+    """The run's diagnostics so far: for each that fired, its epochs (1-based). `collapsed` counts only when the
+    run's latest epoch is at chance (the epochs of that final stretch): a model can sit near chance for an
+    epoch while it warms up and then learn. `label_leak` and `overfit` list every epoch they fired at."""
+    fired: dict[str, list[int]] = {}
+    for name, key in DIAGNOSTIC_METRICS.items():
+        epochs = [int(m["epoch"]) for m in history if (m.get(key) or 0.0) > 0]
+        if name == "collapsed":
+            tail = []
+            for m in reversed(history):
+                if not (m.get(key) or 0.0) > 0:
+                    break
+                tail.insert(0, int(m["epoch"]))
+            epochs = tail
+        if epochs:
+            fired[name] = epochs
+    return fired
+
+
+def describe_diagnosis(fired: dict[str, list[int]]) -> str:
+    """'collapsed@2-3; label_leak@1,3' (the MLflow tag `diagnostic`, the search results column); '' when none."""
+    def epochs(values: list[int]) -> str:
+        consecutive = values == list(range(values[0], values[-1] + 1))
+        return f"{values[0]}-{values[-1]}" if consecutive and len(values) > 2 else ",".join(map(str, values))
+
+    return "; ".join(f"{name}@{epochs(values)}" for name, values in fired.items())
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -323,6 +384,7 @@ class TrainingLoop:
         metrics.update(self.validate())
         self.epoch += 1
         metrics["alarm/overfit"] = float(self.selection.observe(self.epoch, metrics, self.model))
+        metrics.update(epoch_diagnostics(metrics, self.info.num_classes))
         self.total_seconds += time.perf_counter() - started
         metrics["time/total_s"] = self.total_seconds
         metrics["epoch"] = float(self.epoch)
@@ -365,4 +427,9 @@ def format_epoch(metrics: dict[str, float], epochs: int) -> str:
     line = (f"epoch {int(metrics['epoch'])}/{epochs}  loss {metrics['train/loss']:.4f}  "
             f"train acc {metrics['train/acc']:.3f}  {validation}  "
             f"{metrics['time/epoch_s']:.1f}s (+{metrics['time/val_s']:.1f}s val)")
-    return line + ("  ALARM: catastrophic overfitting suspected" if metrics["alarm/overfit"] else "")
+    warnings = [text for key, text in (("alarm/overfit", "catastrophic overfitting suspected"),
+                                       ("diag/collapsed", "model at chance (collapsed)"),
+                                       ("diag/label_leak", f"label leak suspected (train acc - clean acc "
+                                                           f"{metrics.get('diag/leak_gap', 0.0):+.2f})"))
+                if metrics.get(key)]
+    return line + "".join(f"  ALARM: {text}" for text in warnings)

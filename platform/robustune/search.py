@@ -12,6 +12,12 @@ everything needed to resume it:
         tune/              Ray Tune's experiment state (searcher included), for --resume
         trials/trial-*/    one training run folder per trial (checkpoints; a resumed trial continues here)
         results.parquet    one row per trial
+        summary.json       when it ends: counts, the best trial and its config, or why there is none
+
+A trial whose model ended at chance (`collapsed`: robustune.loop.diagnosis, validation clean accuracy at most
+1.5 x chance at its last epoch) is kept in the results (column `collapsed`, its diagnostics in `diagnostics`,
+its MLflow run tagged `diagnostic`) but never wins: a search whose every trial collapsed or failed names no
+best, says why in its summary (`no_winner`) and its MLflow parent run (tag `no_winner`), and refits nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import yaml
 from ray.tune import Callback, Stopper
 
 from robustune.config import ConfigError, apply_override, merge
+from robustune.loop import describe_diagnosis, diagnosis
 from robustune.resolve import resolve_config
 from robustune.search_space import Distribution, check_samples_resolve, load_space
 from robustune.run import run_id_of
@@ -177,7 +184,9 @@ class ProgressPrinter(Callback):
         finished = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | {trial.trial_id}
         done = len(finished)
         running = sum(t.status == "RUNNING" and t.trial_id not in finished for t in trials)
-        scores = [(t.last_result["objective"], t) for t in trials if t.last_result and "objective" in t.last_result]
+        # A trial whose latest epoch is at chance cannot win (see `summarize`).
+        scores = [(t.last_result["objective"], t) for t in trials if t.last_result and "objective" in t.last_result
+                  and not t.last_result.get("diag/collapsed")]
         best = max(scores, key=lambda pair: pair[0], default=None)
         best_text = f"best objective {best[0]:.4f} ({format_params(best[1].config)})" if best else "no result yet"
         sys.stdout.write(f"[search] trial {trial.trial_id} {what}: {done}/{self.samples} done, {max(running, 0)} "
@@ -367,6 +376,8 @@ def _run(search_dir: Location, log: Callable[[str], None], restore: bool, refit:
     summary = summarize(table, settings, time.time() - started)
     summary["budget_s"] = settings.budget_s
     best = summary.get("best")
+    if not best:
+        tracking.set_tag(uri, parent_run_id, "no_winner", summary["no_winner"][:5000])
     if best:
         tracking.log_params(uri, parent_run_id, {f"best.{k}": v for k, v in best["params"].items()})
         tracking.log_metrics(uri, parent_run_id, {f"best/{k}": v for k, v in best["metrics"].items()
@@ -389,12 +400,15 @@ def _run(search_dir: Location, log: Callable[[str], None], restore: bool, refit:
     log(format_summary(summary, table))
     if refit and best:
         summary["refit"] = refit_best(summary, log)
+    elif refit:
+        log(f"no refit: the search named no winner ({summary['no_winner']})")
     return summary
 
 
 def collect_results(results, settings: SearchSettings, base: dict[str, Any], space: dict[str, Distribution],
                     search_dir: Location, budget: ComputeBudget) -> list[dict[str, Any]]:
-    """One row per trial: knobs, final and best validation metrics, epochs, stop reason, time, compute. The
+    """One row per trial: knobs, final and best validation metrics, epochs, stop reason, time, compute, and the
+    training diagnostics (`collapsed`: its last epoch at chance; `diagnostics`: what fired, with epochs). The
     status is the one its MLflow run ended with (`TrialOutcomes` set it when the trial ended)."""
     from robustune import tracking
 
@@ -418,11 +432,13 @@ def collect_results(results, settings: SearchSettings, base: dict[str, Any], spa
         else:
             reason = "completed"
         wall = float(metrics.get("time_total_s") or 0.0)
+        fired = diagnosis(history.to_dict("records")) if history is not None and "epoch" in history else {}
         row = {"trial_id": trial_id, "status": reason, "run_id": run.info.run_id if run else None,
                "epochs_run": epochs_run, "epochs_planned": epochs, "wall_s": wall,
                "epochs_s": float(metrics.get("time/total_s") or 0.0),  # inside training epochs (+ validation)
                "worker_s": wall * workers,
-               "error": first_error_line(result.error) if result.error is not None else None}
+               "error": first_error_line(result.error) if result.error is not None else None,
+               "collapsed": "collapsed" in fired, "diagnostics": describe_diagnosis(fired) or None}
         row.update({f"param.{k}": result.config.get(k) for k in space})
         for key in (ROBUST_METRIC, CLEAN_METRIC, "objective", "train/loss", "alarm/overfit"):
             row[f"final.{key}"] = _float(metrics.get(key))
@@ -476,7 +492,8 @@ def _plain(value: Any) -> Any:
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Trials not dominated in (best validation PGD accuracy, its clean accuracy)."""
-    points = [r for r in rows if r["status"] != "failed" and r[f"final.{ROBUST_METRIC}"] is not None]
+    points = [r for r in rows if r["status"] != "failed" and not r.get("collapsed")
+              and r[f"final.{ROBUST_METRIC}"] is not None]
     front = []
     for r in points:
         a, b = r[f"best.{ROBUST_METRIC}"], r[f"final.{CLEAN_METRIC}"]
@@ -488,7 +505,10 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summarize(rows: list[dict[str, Any]], settings: SearchSettings, wall_s: float) -> dict[str, Any]:
-    ok = [r for r in rows if r["status"] != "failed" and r["best.objective"] is not None]
+    """Counts and compute, and the best trial among those that neither failed nor collapsed (a model at chance
+    is no candidate, whatever its objective); without one, `no_winner` says why."""
+    usable = [r for r in rows if r["status"] != "failed" and r["best.objective"] is not None]
+    ok = [r for r in usable if not r.get("collapsed")]
     best = max(ok, key=lambda r: r["best.objective"], default=None)
     summary: dict[str, Any] = {
         "defense": settings.defense, "objective": settings.objective, "trials": len(rows),
@@ -497,7 +517,10 @@ def summarize(rows: list[dict[str, Any]], settings: SearchSettings, wall_s: floa
         # Share of the trial slots (wall time x concurrent trials) not spent in training epochs:
         # Ray, Tune and worker start-up, MLflow, checkpoints, idle slots.
         "overhead_share": 1 - sum(r["epochs_s"] for r in rows) / max(wall_s * (settings.max_concurrent or 1), 1e-9),
+        "collapsed_trials": [r["trial_id"] for r in rows if r.get("collapsed")],
     }
+    if best is None:
+        summary["no_winner"] = no_winner_reason(rows, usable)
     if best:
         summary["best"] = {"trial_id": best["trial_id"], "run_id": best["run_id"],
                            "params": {k[len("param."):]: v for k, v in best.items() if k.startswith("param.")},
@@ -507,6 +530,27 @@ def summarize(rows: list[dict[str, Any]], settings: SearchSettings, wall_s: floa
     if settings.objective == "pareto":
         summary["pareto_front"] = [r["trial_id"] for r in pareto_front(rows)]
     return summary
+
+
+def no_winner_reason(rows: list[dict[str, Any]], usable: list[dict[str, Any]]) -> str:
+    collapsed = sum(bool(r.get("collapsed")) for r in usable)
+    failed = sum(r["status"] == "failed" for r in rows)
+    if rows and collapsed == len(rows):
+        return (f"every trial collapsed: all {len(rows)} ended with validation clean accuracy at chance; "
+                "the defense did not work with any of these settings")
+    if collapsed:
+        return (f"no trial that worked: {collapsed} of {len(rows)} trials collapsed (validation clean accuracy at "
+                f"chance), {failed} failed, {len(rows) - collapsed - failed} reported no validation result")
+    return f"no usable trial: {failed} of {len(rows)} trials failed, the others reported no validation result"
+
+
+def no_winner(search_dir: str | Location) -> str | None:
+    """Why a search named no best trial (its summary's `no_winner`), or None when it has one."""
+    path = location(search_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return f"the search has not finished ({path} is missing)"
+    summary = json.loads(path.read_text())
+    return None if summary.get("best") else summary.get("no_winner", "no usable trial")
 
 
 def format_summary(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -522,11 +566,16 @@ def format_summary(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         values = "  ".join(show(r.get(p), ".4g") for p in params)
         lines.append(f"  {show(r['trial_id']):<10} {r['status']:<14} {r['epochs_run']:>6}  "
                      f"{show(r[f'best.{ROBUST_METRIC}'], '.4f'):>12}  {show(r[f'final.{CLEAN_METRIC}'], '.4f'):>9}  "
-                     f"{values}" + (f"  ({r['error']})" if r.get("error") else ""))
+                     f"{values}" + (f"  ({r['error']})" if r.get("error") else "")
+                     + (f"  [{r['diagnostics']}]" if r.get("diagnostics") else ""))
     best = summary.get("best")
     if best:
         lines.append(f"best: trial {best['trial_id']} ({format_params(best['params'])}) "
                      f"val PGD {best['metrics']['val_pgd_acc']:.4f}")
+    else:
+        lines.append(f"NO WINNER: {summary['no_winner']}")
+    if summary.get("collapsed_trials"):
+        lines.append(f"collapsed (model at chance, never the winner): {', '.join(summary['collapsed_trials'])}")
     if "pareto_front" in summary:
         lines.append(f"Pareto front (val PGD vs val clean): {', '.join(summary['pareto_front'])}")
     return "\n".join(lines)

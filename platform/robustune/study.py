@@ -30,6 +30,11 @@ How it runs (every stage resumes: `robustune study --resume STUDY_DIR`):
   5. the leaderboard (`robustune.leaderboard`): Markdown, CSV, Parquet, two plots, on the study's MLflow run.
 Trials and final runs train on the training split and select their epoch on the validation split; the
 test split is touched only in stage 4.
+
+A search that names no winner (every trial collapsed to chance accuracy, or failed: robustune.search) fails its
+entry, loudly, and the study goes on: the entry is not retrained with some fallback config (that would rank a
+defense by settings the search rejected). The study's log and MLflow parent run (tag `no_winner/<entry>`) say
+so, and so does the entry's leaderboard row (no numbers, the reason in its diagnostics).
 """
 
 from __future__ import annotations
@@ -255,6 +260,7 @@ def resume_study(study_dir: str | Location, log: Callable[[str], None] = print) 
 
 def run_stages(study_dir: Location, log: Callable[[str], None]) -> Location:
     from robustune import leaderboard, tracking
+    from robustune.search import no_winner
 
     started = time.time()
     state = StudyState.load(study_dir)
@@ -268,8 +274,13 @@ def run_stages(study_dir: Location, log: Callable[[str], None]) -> Location:
         for entry in tuned:
             log(f"[study] stage 2/5: search for {entry.label}")
             _search(state, entry, log)
+        lost = {e.label: reason for e in tuned if (reason := no_winner(state.searches[e.label].search_dir))}
+        tuned = [e for e in tuned if e.label not in lost]
         log(f"[study] stage 3/5: {len(tuned)} tuned defense(s) retrained with their best config x "
             f"{len(study.seeds)} seed(s)")
+        for label, reason in lost.items():
+            log(f"[study] {label} FAILED: its search named no winner ({reason}); not retrained, no leaderboard "
+                "numbers")
         _train_final_runs(state, tuned, {e.label: state.searches[e.label].best_params for e in tuned}, log)
         log("[study] stage 4/5: evaluation on the test split")
         _evaluate_final_runs(state, log)
@@ -426,12 +437,16 @@ def _search(state: StudyState, entry: Entry, log: Callable[[str], None]) -> None
         summary = start_search(settings, data, log=log, parent_run_id=state.parent_run_id,
                                extra_tags={"study_entry": entry.label})
     best = summary.get("best")
-    if not best:
-        raise ConfigError(f"the search for {entry.label} produced no usable trial (all failed?); see "
-                          f"{search_dir}/results.parquet")
+    if not best:  # the entry fails (see the module docstring); the record keeps its search compute
+        from robustune import tracking
+
+        log(f"[study] {entry.label}: the search named no winner: {summary.get('no_winner')}; see "
+            f"{search_dir}/results.parquet")
+        tracking.set_tag(state.tracking_uri, state.parent_run_id, f"no_winner/{entry.slug}",
+                         str(summary.get("no_winner"))[:5000])
     state.searches[entry.label] = SearchRecord(search_dir=str(search_dir), parent_run_id=summary["parent_run_id"],
-                                               best_params=best["params"], budget_s=summary.get("budget_s"),
-                                               trials=summary["trials"])
+                                               best_params=best["params"] if best else {},
+                                               budget_s=summary.get("budget_s"), trials=summary["trials"])
     state.save()
 
 

@@ -406,12 +406,22 @@ def log_evaluation(uri: str, run_id: str, report: dict[str, Any], step: int) -> 
         names = ("clean_acc", "pgd_acc", "cw_acc", "aa_acc", "robust_acc")
         return {f"{prefix}{name}": part[name] for name in names if part.get(name) is not None}
 
-    metrics = numbers("test/", report)
+    def intervals(prefix: str, part: dict[str, Any]) -> dict[str, float]:
+        bounds = part.get("intervals") or {}
+        return {f"{prefix}{name}_ci_{side}": value for name, pair in bounds.items()
+                for side, value in zip(("low", "high"), pair)}
+
+    metrics = {**numbers("test/", report), **intervals("test/", report)}
     if report.get("bare_classifier"):
         metrics.update(numbers("test/bare_", report["bare_classifier"]))
+        metrics.update(intervals("test/bare_", report["bare_classifier"]))
+    for name, value in ((report.get("adaptive") or {}).get("pgd_acc_on_surrogate") or {}).items():
+        metrics[f"test/adaptive_{name}_pgd_acc"] = value  # crafted on that surrogate, scored on the deployed model
     log_metrics(uri, run_id, metrics, step=step)
     protocol = report["protocol"].split("/")[0]
     log_dict(uri, run_id, report, f"eval/{protocol}/report.json")
+    if report.get("outcomes_path"):  # per-point outcomes (Parquet), for paired comparisons between runs
+        log_file(uri, run_id, storage.location(report["outcomes_path"]), f"eval/{protocol}")
     set_tag(uri, run_id, "eval/protocol", report["protocol"])
     warnings = list(report.get("warnings", []))
     warnings += [f"bare classifier: {w}" for w in (report.get("bare_classifier") or {}).get("warnings", [])]

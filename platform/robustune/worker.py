@@ -7,10 +7,11 @@
   checkpoints into the run folder and restarts the worker group from them (resources.max_failures).
 
 Per epoch, in this order: train + validate, checkpoint (in process; Ray Train persists it with the report),
-log to MLflow, report. Nothing is reported before it is logged and checkpointed: Tune may end a trial right
-after any report. A run without a final evaluation
-(search trials, study runs) also writes its final model and report and ends its MLflow run FINISHED before
-its last report; a run with one (`robustune train`) evaluates after it, where nothing stops it.
+log to MLflow (and the `diagnostic` tag once a training diagnostic fired: robustune.loop.diagnosis), report.
+Nothing is reported before it is logged and checkpointed: Tune may end a trial right after any report. A run
+without a final evaluation (search trials, study runs) also writes its final model and report and ends its
+MLflow run FINISHED before its last report; a run with one (`robustune train`) evaluates after it, where
+nothing stops it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from robustune.checkpoints import (STATE_FILE, CheckpointError, CheckpointWriteE
                                    disk_full_cause, load_checkpoint, save_checkpoint, write_failure_message)
 from robustune.resolve import resolve_config
 from robustune.evaluation import evaluate_deployed, format_report
-from robustune.loop import TrainingLoop, format_epoch
+from robustune.loop import TrainingLoop, describe_diagnosis, diagnosis, format_epoch
 from robustune.run import Run
 from robustune.storage import Location, location, remove_tree
 
@@ -171,6 +172,18 @@ def newest_state(ray_checkpoint, resume_path: str | None, device: torch.device,
     return max(candidates, key=lambda pair: pair[0]["epoch"])
 
 
+DIAGNOSTIC_TAG = "diagnostic"  # what fired, with epochs: "collapsed@3; label_leak@1-3; overfit@2"
+
+
+def tag_diagnosis(uri: str, run_id: str, history: list[dict[str, float]], previous: str | None) -> str:
+    """Set the run's `diagnostic` tag from its history when it changes; returns the text. A run that was
+    collapsed and learned again gets "none" (the tag cannot be removed through the outbox)."""
+    text = describe_diagnosis(diagnosis(history))
+    if text != (previous or "") and (text or previous):
+        tracking.set_tag(uri, run_id, DIAGNOSTIC_TAG, text or "none")
+    return text
+
+
 def log_new_epochs(uri: str, run_id: str, records: list[dict[str, float]]) -> None:
     """Log epochs MLflow does not have yet: a rerun after a crash never logs an epoch twice."""
     logged = tracking.logged_steps(uri, run_id, "epoch")
@@ -214,6 +227,7 @@ def run_worker(request: dict[str, Any], session, log: Callable[[str], None] = wr
             session.report(_tune_result(loop.history[-1], loop, None))
 
     first_epoch_at = None
+    diagnostic = None  # the `diagnostic` tag as last set (finish_run sets it again in any case)
     while not loop.finished:
         first_epoch_at = first_epoch_at or time.time()
         metrics = loop.run_epoch()
@@ -221,6 +235,7 @@ def run_worker(request: dict[str, Any], session, log: Callable[[str], None] = wr
         if is_chief:
             session.save(loop.state_dict(), loop.epoch)
             log_new_epochs(uri, run_id, [metrics])
+            diagnostic = tag_diagnosis(uri, run_id, loop.history, diagnostic)
             if loop.finished and not evaluates:
                 finish_run(run, loop, report=None, log=log)
         session.report(_tune_result(metrics, loop, first_epoch_at))
@@ -250,8 +265,12 @@ def finish_run(run: Run, loop: TrainingLoop, report: dict[str, Any] | None, log:
     if loop.stop_reason == "overfit":
         log(f"early stop at epoch {loop.epoch}: overfitting alarm; keeping epoch {loop.best_epoch}'s weights")
     config, uri, run_id = run.config, run.tracking_uri, run.run_id
+    fired = diagnosis(loop.history)
+    if fired:
+        log(f"training diagnostics fired: {describe_diagnosis(fired)}")
+        tracking.set_tag(uri, run_id, DIAGNOSTIC_TAG, describe_diagnosis(fired))
     summary = {"epochs_run": loop.epoch, "selected_epoch": loop.selected_epoch, "stop_reason": loop.stop_reason,
-               "train_seconds": loop.total_seconds}
+               "train_seconds": loop.total_seconds, "diagnostics": fired}
     tracking.set_tag(uri, run_id, "stop_reason", loop.stop_reason)
     tracking.set_tag(uri, run_id, "selected_epoch", str(loop.selected_epoch))
     final = {"model": loop.final_weights(), "defense": loop.defense.state_dict(),
