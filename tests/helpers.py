@@ -88,3 +88,14 @@ def assert_trials_tracked_as_they_ended(client, rows) -> None:
             for key in TRIAL_EPOCH_METRICS:
                 steps = sorted(m.step for m in client.get_metric_history(row["run_id"], key))
                 assert steps == list(range(1, row["epochs_run"] + 1)), (row["trial_id"], key, steps)
+
+
+def run_study_in_process(study, uri: str) -> dict:
+    """Start `study` in this process (a real local Ray); what a study test reads of it: its folder, MLflow URI,
+    the log lines and the seconds it took. The caller shuts Ray down when done."""
+    from robustune.study import start_study
+
+    lines: list[str] = []
+    started = time.time()
+    study_dir = start_study(study, log=lines.append)
+    return {"dir": study_dir, "uri": uri, "lines": lines, "seconds": time.time() - started}

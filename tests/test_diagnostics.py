@@ -24,6 +24,7 @@ from robustune.loop import (DIAGNOSTIC_METRICS, TrainingLoop, describe_diagnosis
 from robustune.resolve import load_config
 
 from conftest import fashion_mnist_dir
+from helpers import run_study_in_process
 
 SYNTHETIC = ["data.name=synthetic", "data.train_subset=1024", "data.val_size=256", "validation.examples=128",
              "train.batch_size=64", "train.epochs=1"]
@@ -170,7 +171,7 @@ def collapsing_study(tmp_path_factory):
     The evaluation is a short PGD only (AutoAttack would take most of the test's time)."""
     import ray
 
-    from robustune.study import load_study, start_study
+    from robustune.study import load_study
 
     folder = tmp_path_factory.mktemp("collapsing")
     (folder / "space.yaml").write_text(yaml.safe_dump({"train.lr": {"type": "choice", "values": [1e-7, 2e-7]}}))
@@ -188,10 +189,7 @@ def collapsing_study(tmp_path_factory):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     study = load_study(folder / "study.yaml", [f"tracking.tracking_uri={uri}",
                                                f"tracking.output_dir={folder / 'runs'}"])
-    lines: list[str] = []
-    started = time.time()
-    study_dir = start_study(study, log=lines.append)
-    yield {"dir": study_dir, "uri": uri, "lines": lines, "seconds": time.time() - started}
+    yield run_study_in_process(study, uri)
     ray.shutdown()
 
 

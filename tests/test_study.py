@@ -21,6 +21,8 @@ from robustune.cli import main
 from robustune.config import ConfigError
 from robustune.study import load_study
 
+from helpers import run_study_in_process
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "data" / "tiny_study.yaml"
 
@@ -92,15 +94,10 @@ def tiny_study(tmp_path_factory):
     """The tiny study run once, in process, on a real local Ray and a real sqlite MLflow store."""
     import ray
 
-    from robustune.study import start_study
-
     folder = tmp_path_factory.mktemp("study")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     study = load_study(TINY, [f"tracking.tracking_uri={uri}", f"tracking.output_dir={folder / 'runs'}"])
-    lines: list[str] = []
-    started = time.time()
-    study_dir = start_study(study, log=lines.append)
-    yield {"dir": study_dir, "uri": uri, "lines": lines, "seconds": time.time() - started}
+    yield run_study_in_process(study, uri)
     ray.shutdown()
 
 

@@ -108,12 +108,11 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
                 if name in values:
                     metrics[key].append(values[name])
             metrics["train_s"].append(values.get("time/total_s", 0.0) * workers)
-            history = mlflow_client.get_metric_history(record.run_id, "alarm/overfit")
-            alarms += any(m.value > 0 for m in history)
             if run.data.tags.get("eval/warning"):
                 warnings.append(f"seed {record.seed}: {run.data.tags['eval/warning']}")
             protocols.add(run.data.tags.get("eval/protocol", "?"))
-            fired = run_diagnosis(mlflow_client, record.run_id)
+            fired = run_diagnosis(mlflow_client, record.run_id)  # reads alarm/overfit's history too
+            alarms += "overfit" in fired
             if fired:
                 diagnostics.append(f"seed {record.seed}: {describe_diagnosis(fired)}")
             if progress_names:
