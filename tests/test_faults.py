@@ -383,6 +383,29 @@ def test_resume_falls_back_past_an_unreadable_newest_checkpoint(local_ray, tmp_p
     assert state["history"][1]["train/loss"] == logged["train/loss"][1]
 
 
+def test_a_run_is_finished_in_mlflow_before_its_report_marks_it_done(tmp_path, mlflow_uri, monkeypatch):
+    """A resumed search or study skips a run folder that holds report.json. A kill right after the report was
+    written must therefore not leave its MLflow run RUNNING: when the report is written, MLflow already says
+    FINISHED (a kill before it leaves no report, and the resumed run finishes again)."""
+    from robustune.training import execute_here
+
+    run = Run.create(small_config(tmp_path, mlflow_uri, "fgsm_rs", "train.epochs=1"))
+    client = MlflowClient(mlflow_uri)
+    status_when_reported: list[str] = []
+    write_report = Run.write_report
+
+    def killed_after_the_report(self, report):
+        status_when_reported.append(client.get_run(self.run_id).info.status)
+        write_report(self, report)
+        raise KeyboardInterrupt  # the process dies here, before anything else runs
+
+    monkeypatch.setattr(Run, "write_report", killed_after_the_report)
+    with pytest.raises(KeyboardInterrupt):
+        execute_here(run, None, resume=False, log=lambda _: None)
+    assert status_when_reported == ["FINISHED"]
+    assert run.finished and client.get_run(run.run_id).info.status == "FINISHED"
+
+
 def test_resume_with_no_readable_checkpoint_is_a_clear_error(tmp_path, capsys, clean_env, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = small_config(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", "fgsm_rs")

@@ -12,6 +12,7 @@ Every trial and evaluation shard runs on the second node: it holds all the CPUs.
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -258,7 +259,9 @@ def two_nodes(s3, tmp_path_factory):
         pytest.fail("the two-node test needs root (unshare --mount and mount -t tmpfs); CI runs as root")
     port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))
-    env = {**cli_env(**s3.env), "RAY_AUTH_MODE": "token"}
+    # The cluster's own token (not whatever ~/.ray/auth_token an earlier test may have left): every node and
+    # driver reads it from the environment.
+    env = {**cli_env(**s3.env), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     temp = f"/tmp/rt-{port}"  # short: Ray's socket paths must fit 107 characters
     head = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--num-cpus=0", "--num-gpus=0",
                              "--include-dashboard=false", f"--temp-dir={temp}", "--block"], env=env,

@@ -260,8 +260,10 @@ def _tune_result(metrics: dict[str, float], loop: TrainingLoop, first_epoch_at: 
 
 
 def finish_run(run: Run, loop: TrainingLoop, report: dict[str, Any] | None, log: Callable[[str], None]) -> None:
-    """The end of a run (rank 0): the selected weights into final.pt, the report, the stop reason and the
-    selected epoch as tags, and the MLflow run FINISHED. report.json is written last: it marks the run done."""
+    """The end of a run (rank 0): the selected weights into final.pt, the stop reason and the selected epoch as
+    tags, the MLflow run FINISHED, then the report. report.json is written last: it marks the run done, and a
+    resumed run or study skips a run that has it, so its MLflow run must already be FINISHED (a kill between
+    the two leaves no report, and the resumed run finishes again)."""
     if loop.stop_reason == "overfit":
         log(f"early stop at epoch {loop.epoch}: overfitting alarm; keeping epoch {loop.best_epoch}'s weights")
     config, uri, run_id = run.config, run.tracking_uri, run.run_id
@@ -276,15 +278,15 @@ def finish_run(run: Run, loop: TrainingLoop, report: dict[str, Any] | None, log:
     final = {"model": loop.final_weights(), "defense": loop.defense.state_dict(),
              "config": tracking.public_config(config)}  # final.pt is logged to MLflow: no URI password
     if report is None:
+        report = {"evaluated": False, **summary}
         save_checkpoint(final, run.final_model_path)  # for a later `robustune evaluate` or a study
-        run.write_report({"evaluated": False, **summary})
     else:
         report = {**report, "evaluated": True, **summary}
         save_checkpoint({**final, "report": report}, run.final_model_path)
         tracking.log_evaluation(uri, run_id, report, step=loop.epoch)
         tracking.log_file(uri, run_id, run.final_model_path, "checkpoint")
-        run.write_report(report)
     tracking.set_status(uri, run_id, "FINISHED")
+    run.write_report(report)
 
 
 def train_worker(request: dict[str, Any]) -> None:
