@@ -61,6 +61,22 @@ class LabelInInput(Defense):
 
 
 @dataclass
+class ScoresWellThenCollapses(Defense):
+    """Trains toward class 0 (the model ends at chance) but reports perfect logits on the epoch's first half:
+    the running accuracy on its training inputs is high although nothing leaks by the epoch's end."""
+
+    def cost(self) -> Cost:
+        return Cost(forward=1, backward=1)
+
+    def loss(self, model, x, y, idx, step) -> StepResult:
+        logits = model(x)
+        loss = F.cross_entropy(logits, torch.zeros_like(y))
+        if step % self.ctx.steps_per_epoch < self.ctx.steps_per_epoch // 2:
+            return StepResult(loss, F.one_hot(y, self.ctx.num_classes).float())
+        return StepResult(loss, logits)
+
+
+@dataclass
 class WithProgress(Defense):
     """Declares progress metrics (a learned part's entropy and update count), for the leaderboard."""
 
@@ -71,7 +87,7 @@ class WithProgress(Defense):
 
 
 TEST_DEFENSES = {"diag_test_constant": ConstantClass, "diag_test_label_in_input": LabelInInput,
-                 "diag_test_progress": WithProgress}
+                 "diag_test_collapses_mid_epoch": ScoresWellThenCollapses, "diag_test_progress": WithProgress}
 
 
 @pytest.fixture
@@ -88,7 +104,7 @@ def test_defenses():
 # ------------------------------------------------------------------------------------------- rules
 def test_collapse_rule_is_at_most_one_and_a_half_times_chance():
     def collapsed(num_classes, **metrics):
-        metrics = {"train/acc": 0.1, "train/clean_acc": 0.5, **metrics}
+        metrics = {"train/late_acc": 0.1, "train/clean_acc": 0.5, **metrics}
         return epoch_diagnostics(metrics, num_classes)["diag/collapsed"]
 
     assert collapsed(10, **{"val/clean_acc": 0.10}) == 1.0
@@ -100,8 +116,8 @@ def test_collapse_rule_is_at_most_one_and_a_half_times_chance():
 
 
 def test_label_leak_rule_compares_training_input_accuracy_with_clean_accuracy():
-    def leak(train_acc, val_clean, train_clean):
-        return epoch_diagnostics({"train/acc": train_acc, "val/clean_acc": val_clean,
+    def leak(late_train_acc, val_clean, train_clean):
+        return epoch_diagnostics({"train/acc": 0.9, "train/late_acc": late_train_acc, "val/clean_acc": val_clean,
                                   "train/clean_acc": train_clean}, 10)
 
     leaking = leak(0.95, 0.30, 0.28)
@@ -110,6 +126,9 @@ def test_label_leak_rule_compares_training_input_accuracy_with_clean_accuracy():
     assert leak(0.40, 0.80, 0.82)["diag/label_leak"] == 0.0  # adversarial inputs are harder: a healthy defense
     # A model that memorized a small training set gets its clean training images right as well: not a leak.
     assert leak(1.00, 0.60, 1.00)["diag/label_leak"] == 0.0
+    # The epoch's running accuracy (0.9 above) is not what counts: a model that collapsed mid-epoch scored well
+    # early on; only the accuracy on the last quarter's training inputs is compared with the end-of-epoch model.
+    assert leak(0.10, 0.10, 0.10)["diag/label_leak"] == 0.0
 
 
 def test_run_diagnosis_counts_a_collapse_only_when_the_run_ends_at_chance():
@@ -139,11 +158,19 @@ def test_a_model_trained_to_one_class_is_diagnosed_collapsed(test_defenses):
     assert "ALARM: model at chance (collapsed)" in format_epoch(metrics, loop.epochs)
 
 
+def test_a_model_that_collapses_mid_epoch_is_collapsed_and_no_label_leak(test_defenses):
+    loop = TrainingLoop(load_config("diag_test_collapses_mid_epoch", overrides=SYNTHETIC), log=lambda _: None)
+    metrics = loop.run_epoch()
+    assert metrics["train/acc"] > 0.5 and metrics["train/late_acc"] < 0.2 and metrics["val/clean_acc"] <= 0.15
+    assert metrics["diag/collapsed"] == 1.0 and metrics["diag/label_leak"] == 0.0
+    assert diagnosis(loop.history) == {"collapsed": [1]}
+
+
 def test_training_inputs_that_carry_the_label_are_diagnosed_label_leak(test_defenses):
     loop = TrainingLoop(load_config("diag_test_label_in_input", overrides=SYNTHETIC), log=lambda _: None)
     metrics = loop.run_epoch()
     # High accuracy on its own training inputs, none on images: the inputs gave the label away.
-    assert metrics["train/acc"] > 0.5 and metrics["val/clean_acc"] < 0.2
+    assert metrics["train/late_acc"] > 0.5 and metrics["val/clean_acc"] < 0.2
     assert metrics["diag/label_leak"] == 1.0 and metrics["diag/leak_gap"] > 0.3
     assert "label_leak" in diagnosis(loop.history)
     assert "ALARM: label leak suspected" in format_epoch(metrics, loop.epochs)

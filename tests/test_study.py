@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -43,19 +44,31 @@ def write_study(tmp_path: Path, **changes) -> Path:
 
 # ------------------------------------------------------------------------------------- definitions
 def test_default_study_is_the_flagship_comparison():
+    """LAS-AT against PGD-AT tuned on its training compute, tuned FGSM-RS and standard training as reference
+    rows; three seeds on their own test slices, about 1000 attacked points per row."""
     study = load_study()
     entries = {e.label: e for e in study.entries}
     assert study.name == "default" and study.featured == "las_at"
+    assert set(entries) == {"las_at", "pgd (tuned)", "fgsm_rs (tuned)", "standard"}
     assert not entries["las_at"].tune and not entries["standard"].tune
     pgd = entries["pgd (tuned)"]
     assert pgd.tune and pgd.budget == "las_at"  # PGD-AT searched on LAS-AT's training compute
-    for name in ("fgsm_rs", "slat", "fgsm_pgi"):
-        assert entries[f"{name} (tuned)"].tune
-    # EAE as its paper runs it: fine-tuned from the standard model, gamma from its own calibration rule.
-    assert not entries["eae"].tune and entries["eae"].init_from == "standard"
-    assert entries["eae"].overrides["method"]["calibrate_gamma"] is True
+    assert entries["fgsm_rs (tuned)"].tune
     assert study.base["data"]["name"] == "fashion-mnist" and study.base["model"]["name"] == "small_cnn"
-    assert study.evaluation["protocol"] == "quick" and len(study.seeds) >= 1
+    assert study.evaluation["protocol"] == "quick" and len(study.seeds) >= 3
+    assert study.evaluation.get("seed_slices", True) and study.evaluation["points"] * len(study.seeds) >= 999
+    # Configs are judged on trials as long as the final runs (ASHA rungs below that).
+    assert all(e.search.get("epochs") == study.base["train"]["epochs"] for e in study.entries if e.tune)
+
+
+def test_seeds_study_tunes_every_seed_paper_defense_on_one_budget():
+    study = load_study("search_spaces/studies/seeds.yaml")
+    entries = {e.defense: e for e in study.entries}
+    assert set(entries) == {"eae", "efgsm", "slat", "atld", "las_at", "fgsm_sdi", "fgsm_pgi", "fgsm_rs", "pgd",
+                            "trades", "standard"}
+    assert all(e.tune and e.budget == "las_at" for name, e in entries.items() if name not in ("las_at", "standard"))
+    assert entries["eae"].init_from == "standard" and entries["eae"].overrides["method"]["calibrate_gamma"] is True
+    assert len(study.seeds) >= 3
 
 
 @pytest.mark.parametrize("change, message", [
@@ -118,6 +131,13 @@ def test_tiny_study_builds_a_complete_leaderboard(tiny_study):
     assert (folder / "leaderboard.csv").read_text().splitlines()[0].replace('"', "").startswith("defense,method,")
     for image in ("robust_vs_clean.png", "robust_vs_compute.png"):
         assert (folder / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for row in rows:  # every accuracy with its 95% interval around the mean
+        for key in ("clean", "pgd", "aa", "robust"):
+            assert row[f"{key}_ci_low"] <= row[f"{key}_mean"] <= row[f"{key}_ci_high"], (row["defense"], key)
+        assert row["points_per_seed"] == 64 and 0 <= row["val_pgd_mean"] <= 1
+    report = (folder / "report.html").read_text()  # the shareable report: one file, plots inside
+    assert "<table" in report and "fgsm (tuned)" in report and report.count('src="data:image/png;base64,') == 2
+    assert "name: tiny" in report  # the study definition
 
 
 def test_tiny_study_lands_in_mlflow_under_one_parent_run(tiny_study):
@@ -127,8 +147,11 @@ def test_tiny_study_lands_in_mlflow_under_one_parent_run(tiny_study):
     state = json.loads((tiny_study["dir"] / "study.json").read_text())
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "study"
-    assert "beats" in parent.data.tags["headline"] or "trails" in parent.data.tags["headline"] \
-        or "ties" in parent.data.tags["headline"]
+    # The tested headline: featured vs the baseline searched on its budget, paired on the same seeds and points.
+    assert re.match(r"^(fgsm_rs is (better|worse) than|no significant difference in robust accuracy \(every "
+                    r"attack\) between fgsm_rs and) fgsm \(tuned\)", parent.data.tags["headline"]), \
+        parent.data.tags["headline"]
+    assert "paired points over 2 seed(s)" in parent.data.tags["headline"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "leaderboard")}
     assert {"leaderboard/leaderboard.md", "leaderboard/leaderboard.parquet", "leaderboard/leaderboard.csv",
             "leaderboard/robust_vs_clean.png", "leaderboard/robust_vs_compute.png"} <= artifacts
@@ -207,6 +230,28 @@ def test_report_command_finds_the_study_and_prints_the_leaderboard(tiny_study, c
     assert main(["report", str(tiny_study["dir"])]) == 0
     out = capsys.readouterr().out
     assert "# Leaderboard: tiny" in out and "| fgsm (tuned) |" in out
+
+
+def test_each_seed_was_attacked_on_its_own_slice_the_same_for_every_defense(tiny_study):
+    from robustune.evaluation import read_outcomes
+
+    state = json.loads((tiny_study["dir"] / "study.json").read_text())
+    indices = {(r["label"], r["seed"]): read_outcomes(r["evaluation"]["outcomes_path"])["test_index"]
+               for r in state["runs"].values()}
+    for (label, seed), attacked in indices.items():
+        assert attacked == list(range(64 * seed, 64 * (seed + 1))), (label, seed)  # seeds [0, 1], 64 points each
+
+
+def test_report_compare_pairs_two_rows_on_the_command_line(tiny_study, capsys):
+    assert main(["report", str(tiny_study["dir"]), "--compare", "fgsm_rs", "standard"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("fgsm_rs vs standard in study study-tiny-")
+    for line, words in zip(lines[1:5], ("robust accuracy (every attack)", "AutoAttack accuracy", "PGD accuracy",
+                                        "clean accuracy (attacked points)")):
+        assert f" in {words} (" in line or f"difference in {words} between" in line, line
+        assert "128 paired points over 2 seed(s)" in line, line
+    assert main(["report", str(tiny_study["dir"]), "--compare", "fgsm_rs", "nobody"]) == 2
+    assert "'nobody' is not a defense of study" in capsys.readouterr().err
 
 
 def test_sharded_evaluation_gives_the_same_flags_as_in_process(tiny_study, tmp_path):

@@ -200,7 +200,8 @@ class EvalConfig:
 
     enabled: bool = True  # search trials turn it off: a search never touches the test split
     protocol: Literal["quick", "full", "custom"] = "quick"
-    points: int = 1000  # quick/custom: attacks run on the first N test examples (full: the whole test set)
+    points: int = 1000  # quick/custom: attacks run on N test examples from first_point (full: the whole test set)
+    first_point: int = 0  # quick/custom: where the attacked slice starts (a study gives each seed its own slice)
     checks: bool = True  # gradient-masking checks (more steps, larger eps, unbounded, black-box vs white-box)
     workers: int = 1  # AutoAttack shards run as this many Ray tasks (`robustune evaluate`, studies)
     batch_size: int = 500
@@ -215,9 +216,12 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.pgd_steps < 1 or self.pgd_restarts < 1 or self.points < 1 or self.batch_size < 1 \
-                or self.workers < 1 or self.cw_steps < 0:
+                or self.workers < 1 or self.cw_steps < 0 or self.first_point < 0:
             raise ConfigError(f"eval: steps, restarts, points, workers and batch size must be >= 1 "
-                              f"(cw_steps >= 0), got {self}")
+                              f"(cw_steps and first_point >= 0), got {self}")
+        if self.protocol == "full" and self.first_point:
+            raise ConfigError(f"eval.first_point={self.first_point}: the full protocol attacks the whole test set; "
+                              "a slice needs eval.protocol=quick or custom")
         if self.pgd_alpha_ratio <= 0:
             raise ConfigError(f"eval.pgd_alpha_ratio must be > 0, got {self.pgd_alpha_ratio}")
         if self.protocol != "custom":

@@ -79,7 +79,7 @@ def evaluate_run(source: str, eval_settings: dict[str, Any], *, tracking_uri: st
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate a saved model by the protocol in `eval_settings` (EvalConfig fields); log it to its MLflow run."""
     from robustune import tracking
-    from robustune.evaluation import evaluate_deployed, format_report
+    from robustune.evaluation import attacked_slice, evaluate_deployed, format_report
     from robustune.run import load_trained
 
     eval_config = build_dataclass(EvalConfig, {"enabled": True, **eval_settings}, "eval")
@@ -88,8 +88,15 @@ def evaluate_run(source: str, eval_settings: dict[str, Any], *, tracking_uri: st
     config, device = trained.config, trained.device
     protocol = eval_config.protocol
     state_dir = where.state_root / f"eval-{protocol}"
+    attacked = attacked_slice(eval_config, len(trained.splits.test.labels))
+    chunks = -(-(attacked.stop - attacked.start) // eval_config.batch_size)
+    shards = min(eval_config.workers, chunks)
     log(f"evaluating {where.checkpoint} ({config.method_name}, {config.model_name}, eps {config.epsilon:.4g}) "
-        f"with the {protocol} protocol; AutoAttack in {eval_config.workers} shard(s); state in {state_dir}")
+        f"with the {protocol} protocol; AutoAttack in {shards} shard(s); state in {state_dir}")
+    if shards < eval_config.workers:  # shards are whole chunks, so that flags do not depend on the shard count
+        log(f"note: eval.workers={eval_config.workers} but {attacked.stop - attacked.start} attacked points in "
+            f"chunks of eval.batch_size={eval_config.batch_size} make {chunks} chunk(s); lower eval.batch_size "
+            "to use every worker")
     report = evaluate_deployed(trained.model, trained.defense, trained.splits.test, epsilon=config.epsilon,
                                eval_config=eval_config, device=device, seed=config.seed, state_dir=state_dir, log=log)
     report.update({"source": str(where.checkpoint), "method": config.method_name})

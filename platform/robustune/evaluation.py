@@ -3,7 +3,8 @@
 Protocols (like AutoAttack's versions, each fixes every setting so numbers compare across runs and studies):
 
     quick/1   clean on the whole test set; PGD-20 (1 restart, step eps/4) and AutoAttack "fast" (APGD-CE +
-              APGD-T with the standard version's settings) on the first `eval.points` test examples
+              APGD-T with the standard version's settings) on `eval.points` test examples from `eval.first_point`
+              (default 0; a study gives each seed its own slice)
     full/1    clean, PGD-50 with 10 restarts (step eps/10), CW-50 (PGD on the margin loss) and AutoAttack
               "standard" (APGD-CE, APGD-T, FAB-T, Square) on the whole test set
     custom    the attack fields of EvalConfig (reports say "custom"; leaderboards mark it)
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from robustune.attacks import pgd
-from robustune.config import EvalConfig
+from robustune.config import ConfigError, EvalConfig
 from robustune.stats import wilson_interval
 from robustune.storage import Location, location, read_parquet, write_atomic, write_parquet
 
@@ -447,7 +448,7 @@ def evaluate_points(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon
                     log: Callable[[str], None] = print) -> tuple[dict, dict[str, Tensor]]:
     """Accuracy of `model` on (images, labels) under the protocol `config.protocol`, with masking checks, and
     the per-point outcomes: {"clean", "pgd", "cw", "aa", "robust"} -> bool (n_attack,) for the attacked points
-    (the first `protocol.points`), an attack that did not run left out.
+    (`protocol.points` of them from `config.first_point`), an attack that did not run left out.
 
     images: float (N, C, H, W) in [0, 1] on the CPU (moved to `device` batch by batch); labels: int64 (N,).
     The model maps [0, 1] inputs to logits. It is put in eval mode for the whole evaluation (each module's
@@ -465,8 +466,9 @@ def evaluate_points(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon
     protocol = resolve_protocol(config)
     images, labels = images.detach().cpu().float(), labels.detach().cpu().long()
     n = images.shape[0]
-    n_attack = n if protocol.points is None else min(n, protocol.points)
-    x, y = images[:n_attack], labels[:n_attack]
+    first = attacked_slice(config, n).start
+    n_attack = n - first if protocol.points is None else min(n - first, protocol.points)
+    x, y = images[first:first + n_attack], labels[first:first + n_attack]
     batch = config.batch_size
     seconds: dict[str, float] = {}
 
@@ -479,7 +481,7 @@ def evaluate_points(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon
             clean_hits = int(clean_correct.sum())
             seconds["clean"] = time.perf_counter() - t0
             log(f"eval [{protocol.name}]: clean acc {clean_acc:.4f} on {n} points in {seconds['clean']:.1f}s")
-            clean_correct = clean_correct[:n_attack]
+            clean_correct = clean_correct[first:first + n_attack]
 
             t0 = time.perf_counter()
             alpha = protocol.pgd_alpha_ratio * epsilon
@@ -544,7 +546,7 @@ def evaluate_points(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon
         "protocol": protocol.name, "settings": asdict(protocol),
         "epsilon": float(epsilon), "norm": "Linf",
         "clean_acc": clean_acc, "n_clean": n,
-        "pgd_acc": pgd_acc, "n_pgd": n_attack,
+        "pgd_acc": pgd_acc, "n_pgd": n_attack, "first_point": first,
         "pgd": {"steps": protocol.pgd_steps, "restarts": protocol.pgd_restarts, "alpha": float(alpha),
                 "alpha_ratio": float(protocol.pgd_alpha_ratio), "loss": "ce", "random_start": True},
         "cw_acc": cw_acc, "cw": {"steps": protocol.cw_steps, "alpha_ratio": protocol.cw_alpha_ratio}
@@ -560,6 +562,16 @@ def evaluate_points(model: nn.Module, images: Tensor, labels: Tensor, *, epsilon
         "intervals": accuracy_intervals(n, clean_hits, n_attack, {"pgd_acc": pgd_flags, "cw_acc": flags.get("cw"),
                                                                   "aa_acc": flags.get("aa"), "robust_acc": whitebox}),
     }, flags
+
+
+def attacked_slice(config: EvalConfig, n: int) -> slice:
+    """The test points the attacks run on: `points` of them from `first_point` (full: all of them)."""
+    protocol = resolve_protocol(config)
+    first = config.first_point if protocol.points is not None else 0
+    if first >= n:
+        raise ConfigError(f"eval.first_point={first} is past the end of the test split ({n} points): lower it, or "
+                          "give each seed a smaller slice (evaluation.points)")
+    return slice(first, n if protocol.points is None else min(n, first + protocol.points))
 
 
 def accuracy_intervals(n_clean: int, clean_hits: int, n_attack: int,
@@ -627,8 +639,9 @@ def evaluate_deployed(model, defense, test, *, epsilon: float, eval_config, devi
                                       "model every attack saw")
         surrogates = defense.attack_surrogates(model)
         if surrogates:
+            attacked = attacked_slice(eval_config, test_images.shape[0])
             report["adaptive"], surrogate_flags = adaptive_attacks(
-                deployed, surrogates, test_images, test.labels, flags["robust"], epsilon=epsilon,
+                deployed, surrogates, test_images[attacked], test.labels[attacked], flags["robust"], epsilon=epsilon,
                 config=eval_config, device=device, seed=seed, log=log)
             flags.update({f"adaptive_{name}": survived for name, survived in surrogate_flags.items()})
             for survived in surrogate_flags.values():
@@ -641,7 +654,7 @@ def evaluate_deployed(model, defense, test, *, epsilon: float, eval_config, devi
                                              log=log)
     if state_dir is not None:
         path = location(state_dir) / OUTCOMES_FILE
-        write_outcomes(flags, test.labels, path)
+        write_outcomes(flags, test.labels, path, first_point=report["first_point"])
         report["outcomes_path"] = str(path)
     return report
 
@@ -649,15 +662,15 @@ def evaluate_deployed(model, defense, test, *, epsilon: float, eval_config, devi
 OUTCOMES_FILE = "outcomes.parquet"  # per attacked test point: correct clean and under each attack
 
 
-def write_outcomes(flags: dict[str, Tensor], labels: Tensor, path: Location) -> None:
+def write_outcomes(flags: dict[str, Tensor], labels: Tensor, path: Location, first_point: int = 0) -> None:
     """One row per attacked test point (its index in the evaluated test split, its label) and one boolean column
     per outcome (clean, pgd, cw, aa, adaptive_<surrogate>, robust = under every attack), so any comparison
     between runs evaluated on the same points can be recomputed and paired."""
     import pyarrow as pa
 
     n = flags["clean"].shape[0]
-    columns = {"test_index": pa.array(range(n), type=pa.int32()),
-               "label": pa.array(labels[:n].tolist(), type=pa.int16())}
+    columns = {"test_index": pa.array(range(first_point, first_point + n), type=pa.int32()),
+               "label": pa.array(labels[first_point:first_point + n].tolist(), type=pa.int16())}
     columns.update({name: pa.array(values.bool().tolist(), type=pa.bool_()) for name, values in flags.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     write_parquet(pa.table(columns), path)

@@ -185,13 +185,14 @@ def epoch_diagnostics(metrics: dict[str, float], num_classes: int) -> dict[str, 
 
     - `diag/collapsed` (0/1): the clean accuracy (`val/clean_acc`; `train/clean_acc` for a run without
       validation data) is at most COLLAPSE_FACTOR / num_classes: the model is at chance, the defense did not work;
-    - `diag/label_leak` (0/1) and `diag/leak_gap`: `train/acc` (the running accuracy on the defense's training
-      inputs, from StepResult.logits) minus the model's clean accuracy, leak when above LABEL_LEAK_GAP. The
+    - `diag/label_leak` (0/1) and `diag/leak_gap`: `train/late_acc` (the accuracy on the defense's training
+      inputs, from StepResult.logits, over the epoch's last quarter of batches: close to the end-of-epoch model
+      the clean accuracy is measured on) minus the model's clean accuracy, leak when above LABEL_LEAK_GAP. The
       clean accuracy here is the higher of validation and training-set clean accuracy, so a model that simply
       memorized a small training set (clean training images right too) is not taken for a leak."""
     clean = metrics.get("val/clean_acc", metrics["train/clean_acc"])
     reference = max(metrics.get("val/clean_acc", 0.0), metrics["train/clean_acc"])
-    gap = metrics["train/acc"] - reference
+    gap = metrics["train/late_acc"] - reference
     return {"diag/collapsed": float(clean <= COLLAPSE_FACTOR / num_classes),
             "diag/label_leak": float(gap > LABEL_LEAK_GAP), "diag/leak_gap": gap}
 
@@ -309,17 +310,25 @@ class TrainingLoop:
         self.train_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.float64)
-        seen = 0
+        # The same accuracy over the epoch's last quarter only: what the leak rule compares with the end-of-epoch
+        # clean accuracy (a model that collapsed mid-epoch scored well on its early batches, and that is no leak).
+        late_correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        late_from = (3 * self.steps_per_epoch) // 4
+        seen = late_seen = 0
         extra_sums: dict[str, float] = {}
         started = time.perf_counter()
-        for x, y, idx in self.train_loader:
+        for batch_index, (x, y, idx) in enumerate(self.train_loader):
             lr = learning_rate(self.config.train, self.global_step, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             result: StepResult = self.defense.train_step(self.model, x, y, idx, self.global_step, self._update)
             loss_sum += result.loss.detach().to(torch.float64) * len(y)
             if result.logits is not None:
-                correct += (result.logits.detach().argmax(1) == y).sum()
+                hits = (result.logits.detach().argmax(1) == y).sum()
+                correct += hits
+                if batch_index >= late_from:
+                    late_correct += hits
+                    late_seen += len(y)
             for key, value in result.metrics.items():
                 extra_sums[key] = extra_sums.get(key, 0.0) + float(value) * len(y)
             seen += len(y)
@@ -328,10 +337,11 @@ class TrainingLoop:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
         keys = sorted(extra_sums)
-        totals = self._all_reduce([loss_sum.item(), correct.item(), float(seen)] + [extra_sums[k] for k in keys])
+        totals = self._all_reduce([loss_sum.item(), correct.item(), float(seen), late_correct.item(),
+                                   float(late_seen)] + [extra_sums[k] for k in keys])
         metrics = {"train/loss": totals[0] / totals[2], "train/acc": totals[1] / totals[2],
-                   "train/lr": lr, "time/epoch_s": seconds}
-        metrics.update({f"train/{k}": v / totals[2] for k, v in zip(keys, totals[3:])})
+                   "train/late_acc": totals[3] / max(totals[4], 1.0), "train/lr": lr, "time/epoch_s": seconds}
+        metrics.update({f"train/{k}": v / totals[2] for k, v in zip(keys, totals[5:])})
         return metrics
 
     def _sync_batchnorm_buffers(self) -> None:

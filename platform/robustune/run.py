@@ -64,8 +64,9 @@ class Run:
 
     @classmethod
     def create(cls, config: Config, *, extra_tags: dict[str, str] | None = None,
-               parent_run_id: str | None = None) -> Run:
-        """Fix the places (absolute tracking URI and output folder), create the MLflow run and the run folder."""
+               parent_run_id: str | None = None, display_name: str | None = None) -> Run:
+        """Fix the places (absolute tracking URI and output folder), create the MLflow run and the run folder.
+        `display_name`: the run's name in the MLflow UI (default: its folder name, the run name)."""
         config.tracking.tracking_uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
         root = output_root(config.tracking.output_dir)
         config.tracking.output_dir = str(root)
@@ -78,7 +79,7 @@ class Run:
                               f"or continue it with --resume {path}")
         config.tracking.run_name = run_name
         run_id = tracking.create_run(config, run_name, extra_tags=extra_tags, parent_run_id=parent_run_id,
-                                     run_folder=str(path))
+                                     run_folder=str(path), display_name=display_name)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         # run.json last, whole or not at all: it is what makes the folder a run.

@@ -18,6 +18,15 @@ A trial whose model ended at chance (`collapsed`: robustune.loop.diagnosis, vali
 1.5 x chance at its last epoch) is kept in the results (column `collapsed`, its diagnostics in `diagnostics`,
 its MLflow run tagged `diagnostic`) but never wins: a search whose every trial collapsed or failed names no
 best, says why in its summary (`no_winner`) and its MLflow parent run (tag `no_winner`), and refits nothing.
+
+Reproducible: the same search run twice on one machine suggests the same knobs in the same order, trains them
+to the same validation accuracies (CPU training is bit-reproducible for a seed and a thread count) and names
+the same winner, whichever trial happens to finish first. The searcher suggests trials in batches of
+`max_concurrent` and sees a batch's results only once all of it finished (`SuggestionBatches`); the scheduler
+judges a trial at a rung only against earlier batches (`BatchedSuccessiveHalving`); rows are in suggestion
+order (`trial_index`), and equal objectives go to the trial suggested first. What can still vary (a wall-clock
+compute budget, GPU kernels, a resume) is named in the summary's `nondeterministic` and the parent run's tag
+`nondeterministic` (`what_varies`).
 """
 
 from __future__ import annotations
@@ -31,8 +40,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import numpy as np
 import yaml
 from ray.tune import Callback, Stopper
+from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from robustune.config import ConfigError, apply_override, merge
 from robustune.loop import describe_diagnosis, diagnosis
@@ -53,7 +65,9 @@ Objective = Literal["robust", "pareto", "constrained"]
 class SearchSettings:
     defense: str
     samples: int = 8
-    max_concurrent: int | None = None  # None: as many trials as the cluster's CPUs fit
+    # Trials at once, and the size of a suggestion batch: None, as many trials as the cluster's CPUs fit (so
+    # another cluster suggests in other batches and can choose other knobs).
+    max_concurrent: int | None = None
     epochs: int | None = None  # per trial; None: the config's train.epochs
     objective: Objective = "robust"
     min_clean: float | None = None  # constrained: validation clean accuracy must reach this
@@ -61,7 +75,7 @@ class SearchSettings:
     searcher: Literal["tpe", "random", "grid"] = "tpe"
     grid_points: int = 3  # grid: values per uniform/loguniform/int knob (choices: all); samples = the grid's size
     scheduler: Literal["asha", "none"] = "asha"
-    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
+    grace_period: int = 1  # successive halving: epochs every trial gets before it can be stopped
     reduction_factor: float = 2.0
     include_default: bool = True  # the defense's defaults are the first point evaluated
     space_file: str | None = None
@@ -107,7 +121,8 @@ class SearchPlan(TrialPlan):
         data = merge(data, {"tracking": {"run_name": run_dir.name, "output_dir": str(trials_dir)},
                             "eval": {"enabled": False}})
         return TrialRun(run_dir, data, self.parent_run_id,
-                        {"search": self.search_name, "search_trial_id": trial_id})
+                        {"search": self.search_name, "search_trial_id": trial_id},
+                        display_name=f"{data['method']['name']} trial {current_trial_index() or trial_id}")
 
     def run_dir(self, params: dict[str, Any], trial_id: str) -> Location:
         return location(self.search_dir) / "trials" / f"trial-{trial_id}"
@@ -116,7 +131,7 @@ class SearchPlan(TrialPlan):
 class ComputeBudget(Stopper):
     """The search's compute budget: worker-seconds inside the trials' training epochs. A running trial stops at
     an epoch report (the way ASHA stops a trial) when its next epoch, as long as its last one, would overrun the
-    budget, and `BudgetedSearch` starts no new trial once a typical epoch no longer fits. So a search ends
+    budget, and `SuggestionBatches` starts no new trial once a typical epoch no longer fits. So a search ends
     under its budget, give or take the epoch that another trial has in progress at the time.
     (Tune's stop_all would kill running trials mid-start and can leave their workers' resources reserved.)"""
 
@@ -155,15 +170,113 @@ class ComputeBudget(Stopper):
         return False
 
 
-def budgeted_search(searcher, max_concurrent: int, budget: ComputeBudget):
-    """The searcher, limited to `max_concurrent` trials at once, suggesting nothing once the budget is spent."""
-    from ray.tune.search import ConcurrencyLimiter, Searcher
+class SuggestionBatches(ConcurrencyLimiter):
+    """The searcher, suggesting trials in batches of `batch_size` (the trials that run at once): trials
+    1..batch_size, then the next batch once all of those finished, and so on; it is told a batch's results
+    together, in suggestion order, once the whole batch has finished. Nothing is suggested once `budget` is spent.
 
-    class BudgetedSearch(ConcurrencyLimiter):
-        def suggest(self, trial_id: str):
-            return Searcher.FINISHED if budget.spent() else super().suggest(trial_id)
+    Tune's plain ConcurrencyLimiter tells the searcher each result as it arrives and suggests the next trial at
+    once, so what TPE suggested depended on which trial happened to finish first: the same search chose other
+    knobs on another run. Here every suggestion is made from the same finished trials on every run. (TPE reads
+    trials in Optuna's trial-number order, which is the suggestion order, whatever order they were told in;
+    telling them in that order keeps any other searcher right too.) The price: a batch waits for its slowest
+    trial, so the slot of a trial that ended early (ASHA, a failure) idles until then.
+    Subclassing ConcurrencyLimiter makes Tune keep a whole batch pending at once (its max pending trials)."""
 
-    return BudgetedSearch(searcher, max_concurrent=max_concurrent)
+    def __init__(self, searcher: Searcher, batch_size: int, samples: int, budget: ComputeBudget):
+        super().__init__(searcher, max_concurrent=batch_size)
+        self.batch_size, self.samples, self.budget = batch_size, samples, budget
+        self.suggested = 0  # trials suggested so far
+        self.batch: list[str] = []  # the current batch's trial ids, in suggestion order
+        self.finished: dict[str, tuple[dict | None, bool]] = {}  # its finished trials: (result, error)
+
+    def suggest(self, trial_id: str):
+        if self.budget.spent():
+            return Searcher.FINISHED
+        if len(self.batch) == self.batch_size:
+            return None  # the next batch is suggested once all of this one has finished
+        suggestion = self.searcher.suggest(trial_id)
+        if suggestion not in (None, Searcher.FINISHED):
+            self.batch.append(trial_id)
+            self.suggested += 1
+        return suggestion
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if trial_id not in self.batch:
+            return
+        self.finished[trial_id] = (result, error)
+        complete = len(self.batch) == self.batch_size or self.suggested == self.samples  # no trial joins it
+        if not complete or len(self.finished) < len(self.batch):
+            return  # the searcher sees none of a batch before all of it has finished
+        for batch_trial in self.batch:
+            batch_result, batch_error = self.finished[batch_trial]
+            self.searcher.on_trial_complete(batch_trial, result=batch_result, error=batch_error)
+        self.batch, self.finished = [], {}
+
+    def get_state(self) -> dict:
+        # Tune saves this with its experiment state; the budget is the Stopper's own object, not a copy to restore.
+        state = super().get_state()
+        del state["budget"]
+        return state
+
+
+def suggestion_number(experiment_tag: str) -> int:
+    """A trial's place in the order of suggestions (1, 2, ...): Tune's experiment tag starts with it
+    ("3_method.alpha_ratio=0.7,train.lr=0.05"). Unlike the trial id (random), it is the same on every run."""
+    return int(experiment_tag.split("_", 1)[0])
+
+
+def current_trial_index() -> int | None:
+    """Inside a Tune trial: its suggestion number, from its folder's name <trial name>_<experiment tag>_<date>
+    (Tune does not hand a trial its experiment tag); None outside a trial."""
+    from ray import tune
+
+    context = tune.get_context()
+    folder, name = context.get_trial_dir(), context.get_trial_name()
+    if not folder or not name or not Path(folder).name.startswith(f"{name}_"):
+        return None
+    return suggestion_number(Path(folder).name[len(name) + 1:])
+
+
+class BatchedSuccessiveHalving(FIFOScheduler):
+    """Successive halving (ASHA's rungs and cutoff) whose decisions do not depend on which trial reports first.
+
+    Ray's ASHA judges a trial at a rung against whichever trials reached that rung before it, so the same trial
+    was stopped on one run and kept on the next. Here a trial at a rung is judged only against the trials of
+    earlier suggestion batches (`SuggestionBatches`), which had all finished before its batch was suggested:
+    the same trials, the same cutoff, whatever the order within its batch. A synchronous HyperBand would also
+    compare a batch's trials with each other, but only by pausing trials at every rung until their batch
+    caught up. The price here: a trial is never compared with its own batch, so the first batch (all trials
+    when samples <= the trials at once) is never stopped."""
+
+    _supports_buffered_results = False  # every epoch's report reaches `on_trial_result` on its own
+
+    def __init__(self, objective_key: str, max_t: int, grace_period: int, reduction_factor: float,
+                 batch_size: int):
+        super().__init__()
+        self.objective_key, self.reduction_factor, self.batch_size = objective_key, reduction_factor, batch_size
+        # ASHA's rungs: grace_period x reduction_factor^k epochs, maximizing the objective; at max_t a trial is done.
+        milestones = []
+        while grace_period * reduction_factor ** len(milestones) < max_t:
+            milestones.append(grace_period * reduction_factor ** len(milestones))
+        self.rungs: dict[float, dict[str, tuple[int, float]]] = {m: {} for m in milestones}  # trial -> (batch, value)
+        self.batch_of: dict[str, int] = {}  # trial id -> its suggestion batch (0, 1, ...)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self.batch_of[trial.trial_id] = (suggestion_number(trial.experiment_tag) - 1) // self.batch_size
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        epoch, value = result["training_iteration"], result.get(self.objective_key)
+        reached = [m for m, recorded in self.rungs.items() if m <= epoch and trial.trial_id not in recorded]
+        if value is None or not reached:
+            return self.CONTINUE
+        batch = self.batch_of[trial.trial_id]
+        recorded = self.rungs[max(reached)]  # as ASHA: a report is judged at the highest rung it reached
+        earlier = [v for b, v in recorded.values() if b < batch]
+        recorded[trial.trial_id] = (batch, float(value))
+        if earlier and float(value) < np.nanpercentile(earlier, (1 - 1 / self.reduction_factor) * 100):
+            return self.STOP
+        return self.CONTINUE
 
 
 class ProgressPrinter(Callback):
@@ -204,7 +317,6 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
                 budget: ComputeBudget, callbacks: list | None = None):
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     epochs = base["train"]["epochs"]
@@ -236,16 +348,15 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
                 if settings.include_default and settings.searcher != "grid" else None)
     searcher = OptunaSearch(space={k: d.to_optuna() for k, d in space.items()}, metric=metric, mode=mode,
                             sampler=sampler, points_to_evaluate=[defaults] if defaults else None)
-    scheduler = (ASHAScheduler(time_attr="training_iteration", metric="objective", mode="max", max_t=epochs,
-                               grace_period=min(settings.grace_period, epochs),
-                               reduction_factor=settings.reduction_factor)
+    batch_size = settings.max_concurrent
+    scheduler = (BatchedSuccessiveHalving("objective", max_t=epochs, grace_period=min(settings.grace_period, epochs),
+                                          reduction_factor=settings.reduction_factor, batch_size=batch_size)
                  if settings.scheduler == "asha" else FIFOScheduler())
-    if settings.budget_s is not None:
-        searcher = budgeted_search(searcher, settings.max_concurrent or settings.samples, budget)
+    searcher = SuggestionBatches(searcher, batch_size, settings.samples, budget)
     # reuse_actors: a one-worker trial runs in its actor, so the next trial skips the process start, the
-    # imports, the dataset decoding and the MLflow store opening.
+    # imports, the dataset decoding and the MLflow store opening. The searcher limits the trials at once.
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=settings.samples,
-                                  max_concurrent_trials=settings.max_concurrent, reuse_actors=True)
+                                  reuse_actors=True)
     return tune.Tuner(trial_trainable, tune_config=tune_config, run_config=run_config)
 
 
@@ -311,7 +422,8 @@ def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Calla
     check_cluster_fits(base)  # before the parent run exists: a run that can never start is refused now
     check_nodes_see(root)
     parent_run_id = tracking.create_run(base, search_name, parent_run_id=parent_run_id,
-                                        extra_tags={"kind": "search", "search": search_name, **(extra_tags or {})})
+                                        extra_tags={"kind": "search", "search": search_name, **(extra_tags or {})},
+                                        display_name=f"{settings.defense} search")
     tracking.log_params(uri, run_id=parent_run_id,
                         params={f"search.{k}": v for k, v in asdict(settings).items()})
     space_text = yaml.safe_dump({k: {key: value for key, value in asdict(d).items() if value not in (None, ())}
@@ -375,6 +487,9 @@ def _run(search_dir: Location, log: Callable[[str], None], restore: bool, refit:
     tracking.log_file(uri, parent_run_id, search_dir / RESULTS_FILE, "search")
     summary = summarize(table, settings, time.time() - started)
     summary["budget_s"] = settings.budget_s
+    summary["nondeterministic"] = what_varies(settings, base, resumed=restore)
+    if summary["nondeterministic"]:
+        tracking.set_tag(uri, parent_run_id, "nondeterministic", summary["nondeterministic"][:5000])
     best = summary.get("best")
     if not best:
         tracking.set_tag(uri, parent_run_id, "no_winner", summary["no_winner"][:5000])
@@ -405,11 +520,30 @@ def _run(search_dir: Location, log: Callable[[str], None], restore: bool, refit:
     return summary
 
 
+def what_varies(settings: SearchSettings, base: dict[str, Any], resumed: bool) -> str | None:
+    """What can differ between two runs of this search on one machine with the same settings and seed, or None:
+    then every trial's knobs, its validation accuracies and the winner are the same on every run (trial ids,
+    run ids and times always differ). Another machine can differ anyway where it runs another number of trials
+    at once (`suggestion_batch`) or another number of torch threads per worker (float rounding)."""
+    reasons = []
+    if settings.budget_s is not None:
+        reasons.append("trial count set by a wall-clock compute budget: how many trials run, and after which "
+                       "epoch the budget stops them, depends on the machine's speed and load")
+    if base["resources"]["use_gpu"]:
+        reasons.append("trained on GPUs, whose kernels are not bit-reproducible: accuracies can differ slightly "
+                       "from run to run, and with them the scheduler's and the searcher's choices")
+    if resumed and settings.scheduler == "asha":
+        reasons.append("resumed after an interruption: Tune does not save the scheduler's rung records, so the "
+                       "trials after the resume were judged without those of the trials before it")
+    return "; ".join(reasons) or None
+
+
 def collect_results(results, settings: SearchSettings, base: dict[str, Any], space: dict[str, Distribution],
                     search_dir: Location, budget: ComputeBudget) -> list[dict[str, Any]]:
-    """One row per trial: knobs, final and best validation metrics, epochs, stop reason, time, compute, and the
-    training diagnostics (`collapsed`: its last epoch at chance; `diagnostics`: what fired, with epochs). The
-    status is the one its MLflow run ended with (`TrialOutcomes` set it when the trial ended)."""
+    """One row per trial, in suggestion order (`trial_index`: 1, 2, ...): knobs, final and best validation
+    metrics, epochs, stop reason, time, compute, and the training diagnostics (`collapsed`: its last epoch at
+    chance; `diagnostics`: what fired, with epochs). The status is the one its MLflow run ended with
+    (`TrialOutcomes` set it when the trial ended)."""
     from robustune import tracking
 
     mlflow_client = tracking.client(base["tracking"]["tracking_uri"])
@@ -418,8 +552,11 @@ def collect_results(results, settings: SearchSettings, base: dict[str, Any], spa
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        from_path = re.match(r"^[a-z_]+?_([0-9a-f]+)_", Path(result.path).name) if result.path else None
+        # Tune names a trial's folder <trainable>_<trial id>_<experiment tag>_<date>: a trial that failed before
+        # its first report has no metrics to read them from.
+        from_path = re.match(r"^[a-z_]+?_([0-9a-f]+)_(\d+_.*)$", Path(result.path).name) if result.path else None
         trial_id = metrics.get("trial_id") or (from_path.group(1) if from_path else None)
+        experiment_tag = metrics.get("experiment_tag") or (from_path.group(2) if from_path else None)
         history = result.metrics_dataframe
         run = _child_run(mlflow_client, search_dir, trial_id)
         epochs_run = int(metrics.get("epoch", 0) or 0)
@@ -433,7 +570,8 @@ def collect_results(results, settings: SearchSettings, base: dict[str, Any], spa
             reason = "completed"
         wall = float(metrics.get("time_total_s") or 0.0)
         fired = diagnosis(history.to_dict("records")) if history is not None and "epoch" in history else {}
-        row = {"trial_id": trial_id, "status": reason, "run_id": run.info.run_id if run else None,
+        row = {"trial_id": trial_id, "trial_index": suggestion_number(experiment_tag) if experiment_tag else None,
+               "status": reason, "run_id": run.info.run_id if run else None,
                "epochs_run": epochs_run, "epochs_planned": epochs, "wall_s": wall,
                "epochs_s": float(metrics.get("time/total_s") or 0.0),  # inside training epochs (+ validation)
                "worker_s": wall * workers,
@@ -444,7 +582,13 @@ def collect_results(results, settings: SearchSettings, base: dict[str, Any], spa
             row[f"final.{key}"] = _float(metrics.get(key))
             row[f"best.{key}"] = (_float(history[key].max()) if history is not None and key in history else None)
         rows.append(row)
-    return rows
+    return sorted(rows, key=suggestion_order)
+
+
+def suggestion_order(row: dict[str, Any]) -> tuple[bool, int]:
+    """Sort key of a results row: its place among the suggestions (the same on every run, unlike trial ids);
+    a trial whose place Tune did not record goes last."""
+    return row.get("trial_index") is None, row.get("trial_index") or 0
 
 
 def end_orphaned_trials(uri: str, parent_run_id: str, kept_run_ids: set[str], log: Callable[[str], None]) -> None:
@@ -506,10 +650,11 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def summarize(rows: list[dict[str, Any]], settings: SearchSettings, wall_s: float) -> dict[str, Any]:
     """Counts and compute, and the best trial among those that neither failed nor collapsed (a model at chance
-    is no candidate, whatever its objective); without one, `no_winner` says why."""
+    is no candidate, whatever its objective); without one, `no_winner` says why. Equal objectives go to the
+    trial suggested first, so the same trials name the same winner on every run."""
     usable = [r for r in rows if r["status"] != "failed" and r["best.objective"] is not None]
     ok = [r for r in usable if not r.get("collapsed")]
-    best = max(ok, key=lambda r: r["best.objective"], default=None)
+    best = min(ok, key=lambda r: (-r["best.objective"], suggestion_order(r)), default=None)
     summary: dict[str, Any] = {
         "defense": settings.defense, "objective": settings.objective, "trials": len(rows),
         "statuses": {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},
@@ -518,11 +663,13 @@ def summarize(rows: list[dict[str, Any]], settings: SearchSettings, wall_s: floa
         # Ray, Tune and worker start-up, MLflow, checkpoints, idle slots.
         "overhead_share": 1 - sum(r["epochs_s"] for r in rows) / max(wall_s * (settings.max_concurrent or 1), 1e-9),
         "collapsed_trials": [r["trial_id"] for r in rows if r.get("collapsed")],
+        "suggestion_batch": settings.max_concurrent,  # trials suggested together (SuggestionBatches)
     }
     if best is None:
         summary["no_winner"] = no_winner_reason(rows, usable)
     if best:
-        summary["best"] = {"trial_id": best["trial_id"], "run_id": best["run_id"],
+        summary["best"] = {"trial_id": best["trial_id"], "trial_index": best.get("trial_index"),
+                           "run_id": best["run_id"],
                            "params": {k[len("param."):]: v for k, v in best.items() if k.startswith("param.")},
                            "metrics": {"val_pgd_acc": best[f"best.{ROBUST_METRIC}"],
                                        "val_clean_acc": best[f"final.{CLEAN_METRIC}"],

@@ -9,7 +9,8 @@ A study definition is YAML (`search_spaces/studies/<name>.yaml`; `default.yaml` 
     epochs: 4                     # training epochs of every final run
     seeds: [0, 1]                 # every final run is repeated over these seeds
     base: {data: {train_subset: 4000}}    # any other run setting shared by every defense
-    evaluation: {protocol: quick, points: 500, workers: 2}   # EvalConfig fields
+    evaluation: {protocol: quick, points: 500, workers: 2}   # EvalConfig fields; points per seed: seed k is
+                                  # attacked on test points k*500..(k+1)*500 (seed_slices: false: all on the same)
     search: {samples: 4, epochs: 2}       # defaults of every searched defense
     featured: las_at              # the headline compares this entry with the best baseline at equal budget
     defenses:
@@ -57,6 +58,7 @@ from robustune.run import FINAL_MODEL_FILE, finished_report, run_id_of
 from robustune.storage import Location, check_nodes_see, check_storage, location, output_root, ray_storage
 from robustune.trials import TrialOutcomes, TrialPlan, TrialRun, trainable, tune_failures
 
+SEED_SLICES = "seed_slices"  # evaluation key: each seed attacked on its own test slice (default true)
 STUDY_KEYS = {"name", "description", "dataset", "model", "epsilon", "epochs", "seeds", "base", "evaluation",
               "search", "defenses", "featured", "max_concurrent"}
 ENTRY_KEYS = {"defense", "label", "tune", "set", "space", "samples", "epochs", "searcher", "scheduler", "budget",
@@ -108,10 +110,23 @@ def load_study(path: str | Path | None = None, overrides: list[str] | None = Non
                                                            for s in seeds):
         raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
     evaluation = dict(data.get("evaluation") or {})
+    seed_slices = evaluation.get(SEED_SLICES, True)
+    if not isinstance(seed_slices, bool):
+        raise ConfigError(f"{where}: evaluation.{SEED_SLICES} must be true or false, got {seed_slices!r}")
+    if "first_point" in evaluation:
+        raise ConfigError(f"{where}: evaluation.first_point is set by the study (each seed's slice, see "
+                          f"evaluation.{SEED_SLICES}); drop it")
     try:
-        build_dataclass(EvalConfig, evaluation, "evaluation")
+        eval_config = build_dataclass(EvalConfig, {k: v for k, v in evaluation.items() if k != SEED_SLICES},
+                                      "evaluation")
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from error
+    test_points = base.get("data", {}).get("test_subset")
+    wanted = eval_config.points * (len(seeds) if seed_slices else 1)
+    if eval_config.protocol != "full" and test_points is not None and wanted > test_points:
+        raise ConfigError(f"{where}: evaluation needs {wanted} test points ({eval_config.points} per seed"
+                          + (f" x {len(seeds)} seeds, each its own slice" if seed_slices else "")
+                          + f") but data.test_subset is {test_points}: lower evaluation.points or raise test_subset")
     search_defaults = dict(data.get("search") or {})
     unknown = sorted(set(search_defaults) - SEARCH_KEYS)
     if unknown:
@@ -227,7 +242,8 @@ def start_study(study: Study, log: Callable[[str], None] = print) -> Location:
     study.base = apply_override(study.base, ["resources", "cpus_per_worker"], config.resources.cpus_per_worker)
     config.study = instance
     config.tracking.tracking_uri, config.tracking.output_dir = uri, str(output_dir)
-    parent_run_id = tracking.create_run(config, instance, extra_tags={"kind": "study", "study_name": study.name})
+    parent_run_id = tracking.create_run(config, instance, extra_tags={"kind": "study", "study_name": study.name},
+                                        display_name=f"study {study.name}")
     tracking.log_params(uri, parent_run_id, {"study.seeds": study.seeds, "study.source": study.source,
                                              "study.defenses": [e.label for e in study.entries]})
     tracking.log_text(uri, parent_run_id, Path(study.source).read_text(), "study/study.yaml")
@@ -303,10 +319,14 @@ def run_stages(study_dir: Location, log: Callable[[str], None]) -> Location:
     log(f"  utilization {usage['utilization']:.0%}: {usage['busy_s']:.0f} busy worker-seconds (training epochs "
         f"{usage['training_s']:.0f}, search trials {usage['search_s']:.0f}, evaluation {usage['evaluation_s']:.0f}) "
         f"of {state.wall_s:.0f}s x {state.slots} slot(s)")
+    experiment = tracking.client(uri).get_run(parent).info.experiment_id
+    log(f"  leaderboard: {study_dir / leaderboard.FOLDER / 'leaderboard.md'}; report to share: "
+        f"{study_dir / leaderboard.FOLDER / leaderboard.HTML_FILE}")
     if uri.startswith(("http://", "https://")):  # a tracking server shows it itself
-        log(f"  see it at: {tracking.redact_uri(uri)}")
+        log(f"  MLflow: {tracking.ui_link(tracking.redact_uri(uri), experiment, parent)}")
     else:
-        log(f"  see it with: mlflow ui --backend-store-uri {tracking.redact_uri(uri)}   (then open http://127.0.0.1:5000)")
+        log(f"  MLflow: mlflow ui --backend-store-uri {tracking.redact_uri(uri)}   then open "
+            f"{tracking.ui_link('http://127.0.0.1:5000', experiment, parent)}")
     return study_dir
 
 
@@ -363,7 +383,8 @@ def _train_final_runs(state: StudyState, entries: list[Entry], best: dict[str, d
             state.runs[record.key] = record
             if finished_report(run_dir) is None:  # else: finished before an interruption
                 runs.append(TrialRun(run_dir, data, state.parent_run_id,
-                                     {"kind": "study_run", "study_entry": entry.label}))
+                                     {"kind": "study_run", "study_entry": entry.label},
+                                     display_name=f"{entry.label} seed {seed}"))
                 labels.append(f"{entry.label} seed {seed}")
     if runs:
         run_many(StudyPlan(runs=runs, labels=labels), state, log)
@@ -459,6 +480,17 @@ def _training_compute(state: StudyState, label: str) -> float:
     return sum(values) / len(values)
 
 
+def seed_evaluation(study: Study, seed: int) -> dict[str, Any]:
+    """The evaluation settings of one seed's runs. With seed slices (the default) seed k of the study is
+    attacked on its own slice of the test set, points k*N to (k+1)*N, the same slice for every defense: the
+    seeds together cover seeds x N points (so the rows' intervals narrow) and every comparison stays paired."""
+    settings = {k: v for k, v in study.evaluation.items() if k != SEED_SLICES}
+    if study.evaluation.get(SEED_SLICES, True) and settings.get("protocol", "quick") != "full":
+        points = settings.get("points", EvalConfig.points)
+        settings["first_point"] = study.seeds.index(seed) * points
+    return settings
+
+
 def _evaluate_final_runs(state: StudyState, log: Callable[[str], None]) -> None:
     from robustune.evaluate_run import evaluate_run
 
@@ -468,7 +500,7 @@ def _evaluate_final_runs(state: StudyState, log: Callable[[str], None]) -> None:
             continue
         log(f"[study] evaluating {record.label} seed {record.seed}")
         started = time.time()
-        record.evaluation = evaluate_run(record.run_dir, state.study.evaluation, log=log)
+        record.evaluation = evaluate_run(record.run_dir, seed_evaluation(state.study, record.seed), log=log)
         record.evaluation_s = time.time() - started
         record.evaluation_file = str(location(record.run_dir) / f"eval-{protocol}" / "report.json")
         state.save()

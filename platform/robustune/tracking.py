@@ -15,7 +15,10 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import math
+import numbers
 import os
+import posixpath
 import re
 import shutil
 import sys
@@ -95,12 +98,33 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
+# MLflow 3's UI shows an experiment as "GenAI apps & agents" (overview, traces, token usage) or as "Machine
+# learning" (its runs). The experiment tag mlflow.experimentKind records which one an experiment is; a UI that
+# goes by the tag opens the runs and does not ask the user to choose. MLflow 3.17's UI goes by its sidebar switch
+# instead (remembered per browser, GenAI at first) unless the link names the view: `ui_link` does.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+UI_MODEL_TRAINING_VIEW = "workflowType=machine_learning"  # the link's query that opens the runs in MLflow 3.17
+
+
 def experiment_id(uri: str, name: str) -> str:
+    """The experiment's id, created as a model-training experiment when it does not exist yet. One made before
+    robustune tagged its experiments gets the tag now; a kind someone chose in the UI stays."""
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow_client.create_experiment(name, artifact_location=_artifact_location(uri))
+    if experiment is None:
+        return mlflow_client.create_experiment(name, artifact_location=_artifact_location(uri),
+                                               tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def ui_link(server_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The page of an experiment's runs (or of one run) in the MLflow UI at `server_url`, in its model-training
+    view whatever view the browser last used."""
+    page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{server_url.rstrip('/')}/{page}?{UI_MODEL_TRAINING_VIEW}"
 
 
 def run_tags(config: Config) -> dict[str, str]:
@@ -120,15 +144,19 @@ RUN_FOLDER_TAG = "run_folder"
 
 
 def create_run(config: Config, run_name: str, extra_tags: dict[str, str] | None = None,
-               parent_run_id: str | None = None, run_folder: str | None = None) -> str:
+               parent_run_id: str | None = None, run_folder: str | None = None,
+               display_name: str | None = None) -> str:
     """Create the MLflow run with tags, every resolved config value as a param and the config as YAML.
 
+    `display_name` is the name the MLflow UI shows (`pgd (tuned) seed 1`; default `run_name`). It need not be
+    unique: the run is found by id, and its folder by `run_name`, which this does not change.
     With `run_folder`, a run already created for that folder is taken over instead: a process killed between
     creating the MLflow run and writing the folder's run.json (a search killed while a trial starts) must not
     leave a second run for the same folder when it resumes."""
     uri = config.tracking.tracking_uri
     mlflow_client = client(uri)
-    tags = {**run_tags(config), **(extra_tags or {}), "mlflow.runName": run_name}
+    display_name = display_name or run_name
+    tags = {**run_tags(config), **(extra_tags or {}), "mlflow.runName": display_name}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     experiment = experiment_id(uri, config.tracking.experiment)
@@ -138,7 +166,7 @@ def create_run(config: Config, run_name: str, extra_tags: dict[str, str] | None 
         quoted = run_folder.replace("\\", "\\\\").replace("'", "\\'")
         existing = mlflow_client.search_runs([experiment], f"tags.{RUN_FOLDER_TAG} = '{quoted}'", max_results=1)
     run_id = existing[0].info.run_id if existing else \
-        mlflow_client.create_run(experiment, run_name=run_name, tags=tags).info.run_id
+        mlflow_client.create_run(experiment, run_name=display_name, tags=tags).info.run_id
     shared = public_config(config)
     log_params(uri, run_id, flatten(shared))
     log_text(uri, run_id, yaml.safe_dump(shared, sort_keys=False), "config.yaml")
@@ -389,6 +417,42 @@ def set_status(uri: str, run_id: str, status: str) -> None:
 
 def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
     _send(uri, run_id, "set_tag", key=key, value=value)
+
+
+LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # the run tag that tells MLflow's UI which artifacts are tables
+
+
+def log_table(uri: str, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """Log `rows` as a table the MLflow UI renders (artifact_file: a .json path, e.g. leaderboard/table.json).
+
+    The file and the tag are mlflow.log_table's (JSON {"columns", "data"}, pandas' "split" layout; the table
+    listed in mlflow.loggedArtifacts), but a table logged again replaces the old one: MlflowClient.log_table
+    appends to it, so a rebuilt leaderboard would list every defense twice."""
+    if not artifact_file.endswith(".json"):
+        raise ValueError(f"a table artifact is a .json file, got {artifact_file!r}")
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # every row's keys, in first-seen order
+    table = {"columns": columns, "data": [[_table_cell(row.get(column)) for column in columns] for row in rows]}
+    folder, filename = posixpath.split(artifact_file)
+    with tempfile.TemporaryDirectory() as temporary:
+        path = Path(temporary) / filename
+        path.write_text(json.dumps(table, allow_nan=False))
+        log_file(uri, run_id, path, folder or None)
+    listed = json.loads(client(uri).get_run(run_id).data.tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
+    entry = {"path": artifact_file, "type": "table"}
+    if entry not in listed:
+        set_tag(uri, run_id, LOGGED_ARTIFACTS_TAG, json.dumps([*listed, entry]))
+
+
+def _table_cell(value: Any) -> Any:
+    """A JSON value for one cell: numbers (numpy's too) as numbers, NaN and infinities (which JSON lacks) empty,
+    lists and the like as their JSON text."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    return json.dumps(value, default=str)
 
 
 def write_temp_and_log(uri: str, run_id: str, filename: str, write) -> None:

@@ -37,6 +37,7 @@ class TrialRun:
     config: dict[str, Any]
     parent_run_id: str | None
     tags: dict[str, str] = field(default_factory=dict)
+    display_name: str | None = None  # its name in the MLflow UI (default: the run folder's name)
 
 
 class TrialPlan:
@@ -80,7 +81,7 @@ def train_trial(params: dict[str, Any], *, plan: TrialPlan) -> None:
         tracking.set_status(run.tracking_uri, run.run_id, "RUNNING")
     else:
         run = Run.create(resolve_config(trial_run.config), extra_tags=trial_run.tags,
-                         parent_run_id=trial_run.parent_run_id)
+                         parent_run_id=trial_run.parent_run_id, display_name=trial_run.display_name)
 
     def forward(result: dict[str, Any]) -> None:
         tune.report({**result, "objective": objective_value(result, plan.min_clean)})
