@@ -14,7 +14,7 @@ help:
 	@echo "make test       set up, get Fashion-MNIST, run the tests"
 	@echo "make test-slow  the longer accuracy checks (real training on Fashion-MNIST)"
 	@echo "make test-faults  only the fault-injection tests: killed Ray worker, dead MLflow server, bad checkpoints, full disk"
-	@echo "make test-ui    the browser tests of the HTML report (installs Chromium first when it is missing)"
+	@echo "make test-ui    the browser tests: the HTML report and the MLflow UI on a tiny study (installs Chromium if missing)"
 	@echo "make benchmark  every benchmark (defense cost, overhead, scaling, search efficiency) -> benchmarks/RESULTS.md"
 	@echo "make benchmark-gpu  the GPU variant (PreActResNet-18, CIFAR-shaped data) -> benchmarks/RESULTS-gpu.md"
 	@echo "make setup      only create $(VENV) and install the project"
