@@ -134,6 +134,9 @@ def trainable(plan: TrialPlan, config: Config):
     from ray import tune
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
+    # Tune's newer console output prints its "Configuration for experiment" box and a TensorBoard hint whatever
+    # the verbosity; the classic output at verbose=0 prints nothing. Searches and studies print their own lines.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
     return tune.with_resources(tune.with_parameters(train_trial, plan=plan), run_resources(config))
 
