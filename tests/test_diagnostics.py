@@ -317,7 +317,10 @@ def make_study(tmp_path, uri):
         client.set_tag(run_id, "eval/protocol", "quick/1")
         runs[f"{label}|{seed}"] = RunRecord(label, {"learner": "diag_test_progress", "plain": "standard"}[label],
                                             seed, str(tmp_path / "runs" / f"{label}-{seed}"), run_id=run_id,
-                                            training={"train_seconds": 30.0}, evaluation={"aa_acc": 0.4})
+                                            training={"train_seconds": 30.0},
+                                            evaluation={"clean_acc": 0.8, "n_clean": 1000, "pgd_acc": 0.5,
+                                                        "n_pgd": 200, "aa_acc": 0.4, "n_aa": 200,
+                                                        "robust_acc": 0.4})
     source = tmp_path / "study.yaml"
     source.write_text("name: constructed\n")
     study = Study(name="constructed", description="", source=str(source), base={}, seeds=[0, 1],
@@ -325,6 +328,7 @@ def make_study(tmp_path, uri):
                   entries=[Entry("diag_test_progress", "learner"), Entry("standard", "plain")])
     study_dir = tmp_path / "study-constructed"
     study_dir.mkdir()
+    (study_dir / "study.yaml").write_text(source.read_text())  # a study keeps its definition in its folder
     StudyState(path=study_dir, instance="study-constructed", study=study, parent_run_id=parent, tracking_uri=uri,
                output_dir=str(tmp_path), started=time.time(), runs=runs).save()
     return study_dir
