@@ -43,7 +43,7 @@ def report(tmp_path: Path, definition: str = "name: default\nseeds: [0, 1]\n") -
     return dict(
         title="Leaderboard: default & friends",
         headline="las_at beats the best tuned baseline at equal budget, fgsm_rs<tuned>, by +1.1 points",
-        columns=COLUMNS, rows=ROWS,
+        header=[title for _, title in COLUMNS], cells=[[row[key] for key, _ in COLUMNS] for row in ROWS],
         notes=["Mean ± sample std over seeds."],
         sections=[("Evaluation warnings", ["fgsm_rs<tuned>: seed 1: gradient masking suspected"]),
                   ("Training diagnostics", []),
@@ -135,6 +135,11 @@ def test_an_image_type_that_cannot_be_embedded_is_refused(tmp_path):
     (tmp_path / "plot.pdf").write_bytes(b"%PDF-1.4")
     with pytest.raises(ValueError, match=r"plot\.pdf: cannot embed a \.pdf file"):
         render_html(**{**report(tmp_path), "images": [tmp_path / "plot.pdf"]})
+
+
+def test_a_row_with_the_wrong_number_of_cells_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"a table row has 3 cells for 4 columns"):
+        render_html(**{**report(tmp_path), "cells": [["las_at", "defaults", "0.64"]]})
 
 
 # ------------------------------------------------------------------------------------ a real browser

@@ -42,13 +42,12 @@ pre { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; f
 """
 
 
-def render_html(*, title: str, headline: str, columns: list[tuple[str, str]], rows: list[dict[str, Any]],
-                notes: list[str], sections: list[tuple[str, list[str]]], images: list[Path], definition: str,
-                protocol: str) -> str:
+def render_html(*, title: str, headline: str, header: list[str], cells: list[list[Any]], notes: list[str],
+                sections: list[tuple[str, list[str]]], images: list[Path], definition: str, protocol: str) -> str:
     """The report as HTML text.
 
-    columns: (row key, header text) pairs, in table order; each row's value under a key is shown as text (None
-    as "-"), so the caller formats numbers and intervals. notes: paragraphs under the table. sections: (title,
+    header: the table's column titles; cells: one list per row, in the header's order, each value shown as text
+    (None as "-"), so the caller formats numbers and intervals. notes: paragraphs under the table. sections: (title,
     bullet items) pairs, e.g. ("Evaluation warnings", [...]); an empty one is left out. images: picture files,
     embedded in the file. definition: the study definition (YAML); protocol: the evaluation protocol.
     """
@@ -64,7 +63,7 @@ def render_html(*, title: str, headline: str, columns: list[tuple[str, str]], ro
         "<body>",
         f"<h1>{_text(title)}</h1>",
         f'<p class="headline">{_text(headline)}</p>',
-        _table(columns, rows),
+        _table(header, cells),
         *(f"<p>{_text(note)}</p>" for note in notes),
     ]
     if images:
@@ -101,11 +100,14 @@ def _text(value: Any) -> str:
     return html.escape("-" if value is None else str(value), quote=True)
 
 
-def _table(columns: list[tuple[str, str]], rows: list[dict[str, Any]]) -> str:
-    header = "".join(f"<th>{_text(label)}</th>" for _, label in columns)
-    body = ["<tr>" + "".join(f"<td>{_text(row[key])}</td>" for key, _ in columns) + "</tr>" for row in rows]
+def _table(header: list[str], cells: list[list[Any]]) -> str:
+    for row in cells:
+        if len(row) != len(header):
+            raise ValueError(f"a table row has {len(row)} cells for {len(header)} columns: {row!r}")
+    titles = "".join(f"<th>{_text(title)}</th>" for title in header)
+    body = ["<tr>" + "".join(f"<td>{_text(value)}</td>" for value in row) + "</tr>" for row in cells]
     # The wrapper scrolls a wide table sideways instead of widening the whole page.
-    return "\n".join(['<div class="table-wrap"><table>', f"<thead><tr>{header}</tr></thead>", "<tbody>", *body,
+    return "\n".join(['<div class="table-wrap"><table>', f"<thead><tr>{titles}</tr></thead>", "<tbody>", *body,
                       "</tbody>", "</table></div>"])
 
 

@@ -106,12 +106,6 @@ def refit_shortfall(refit_val_pgd: float | None, chosen_on: float | None) -> str
             f"{chosen_on:.3f} for the trial that chose the config")
 
 
-def search_summary(search_dir: str | Location) -> dict[str, Any]:
-    """A finished search's summary.json ({} while it has none)."""
-    path = location(search_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def run_diagnosis(mlflow_client, run_id: str) -> dict[str, list[int]]:
     """A run's training diagnostics (robustune.loop.diagnosis) from its MLflow metric history."""
     from robustune.loop import DIAGNOSTIC_METRICS, diagnosis
@@ -144,7 +138,7 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
     from robustune import tracking
     from robustune.defense import defense_class
     from robustune.loop import describe_diagnosis
-    from robustune.search import no_winner as search_no_winner
+    from robustune.search import no_winner as search_no_winner, read_summary
 
     state = StudyState.load(study_dir)
     study = state.study
@@ -161,7 +155,7 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
         progress_names = defense_class(entry.defense).progress_metrics
         search = state.searches.get(entry.label)
         no_winner = search_no_winner(search.search_dir) if search else None
-        summary = search_summary(search.search_dir) if search else {}
+        summary = (read_summary(search.search_dir) if search else None) or {}
         varies = summary.get("nondeterministic")
         if no_winner:
             diagnostics.append(f"search named no winner, not retrained: {no_winner}")
@@ -461,8 +455,7 @@ def build(study_dir: str | Location, log: Callable[[str], None] = print,
         images = plots(rows, local, f"study {study.name}: {len(study.seeds)} seed(s), "
                                     f"{evaluation.get('points', 1000)} attacked test points per seed")
         write_html(local / HTML_FILE, title=f"Leaderboard: {study.name}", headline=head,
-                   columns=[(str(i), name) for i, name in enumerate(COLUMNS)],
-                   rows=[{str(i): cell for i, cell in enumerate(table_cells(r))} for r in rows], notes=notes,
+                   header=list(COLUMNS), cells=[table_cells(r) for r in rows], notes=notes,
                    sections=sections(rows), images=images, definition=(study_dir / DEFINITION_FILE).read_text(),
                    protocol=protocol_text(rows, evaluation))
         for path in [local / "leaderboard.md", local / "leaderboard.csv", local / "leaderboard.parquet",

@@ -691,12 +691,17 @@ def no_winner_reason(rows: list[dict[str, Any]], usable: list[dict[str, Any]]) -
     return f"no usable trial: {failed} of {len(rows)} trials failed, the others reported no validation result"
 
 
+def read_summary(search_dir: str | Location) -> dict[str, Any] | None:
+    """A search's summary.json, or None before the search finished."""
+    path = location(search_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def no_winner(search_dir: str | Location) -> str | None:
     """Why a search named no best trial (its summary's `no_winner`), or None when it has one."""
-    path = location(search_dir) / SUMMARY_FILE
-    if not path.is_file():
-        return f"the search has not finished ({path} is missing)"
-    summary = json.loads(path.read_text())
+    summary = read_summary(search_dir)
+    if summary is None:
+        return f"the search has not finished ({location(search_dir) / SUMMARY_FILE} is missing)"
     return None if summary.get("best") else summary.get("no_winner", "no usable trial")
 
 

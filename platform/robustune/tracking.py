@@ -18,11 +18,9 @@ import json
 import math
 import numbers
 import os
-import posixpath
 import re
 import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -432,11 +430,7 @@ def log_table(uri: str, run_id: str, rows: list[dict[str, Any]], artifact_file: 
         raise ValueError(f"a table artifact is a .json file, got {artifact_file!r}")
     columns = list(dict.fromkeys(key for row in rows for key in row))  # every row's keys, in first-seen order
     table = {"columns": columns, "data": [[_table_cell(row.get(column)) for column in columns] for row in rows]}
-    folder, filename = posixpath.split(artifact_file)
-    with tempfile.TemporaryDirectory() as temporary:
-        path = Path(temporary) / filename
-        path.write_text(json.dumps(table, allow_nan=False))
-        log_file(uri, run_id, path, folder or None)
+    log_dict(uri, run_id, table, artifact_file)  # rewrites the file
     listed = json.loads(client(uri).get_run(run_id).data.tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
     entry = {"path": artifact_file, "type": "table"}
     if entry not in listed:
@@ -453,14 +447,6 @@ def _table_cell(value: Any) -> Any:
     if isinstance(value, numbers.Real):
         return float(value) if math.isfinite(value) else None
     return json.dumps(value, default=str)
-
-
-def write_temp_and_log(uri: str, run_id: str, filename: str, write) -> None:
-    """Log a file produced by `write(path)` under its own name."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / filename
-        write(path)
-        log_file(uri, run_id, path)
 
 
 def log_evaluation(uri: str, run_id: str, report: dict[str, Any], step: int) -> None:
