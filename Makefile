@@ -2,12 +2,20 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch first, pinned: a bare `torch` requirement would pull the newest release with gigabytes of CUDA packages.
+# torch pinned (pip takes it first): a bare `torch` requirement would pull the newest release with gigabytes of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
+# Every other package's exact version, for both installers (a constraints file); `make lock` rewrites it.
+LOCK ?= requirements.lock
+# uv installs the same versions as pip, faster (README); `make setup INSTALLER=pip` uses pip alone.
+# uv itself comes from PyPI through pip, into $(VENV)/.uv, outside the project's packages.
+INSTALLER ?= uv
+UV_SPEC ?= uv==0.13.9
+UV := $(VENV)/.uv/bin/uv
+CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 DATA_DIR ?= data
 STAMP := $(VENV)/.robustune-installed
 
-.PHONY: setup data demo test test-slow test-faults test-ui benchmark benchmark-gpu clean help
+.PHONY: setup lock data demo test test-slow test-faults test-ui benchmark benchmark-gpu clean help
 
 help:
 	@echo "make demo       set up, get Fashion-MNIST, run the default study (LAS-AT vs tuned baselines) -> leaderboard"
@@ -17,15 +25,52 @@ help:
 	@echo "make test-ui    the browser tests: the HTML report and the MLflow UI on a tiny study (installs Chromium if missing)"
 	@echo "make benchmark  every benchmark (defense cost, overhead, scaling, search efficiency) -> benchmarks/RESULTS.md"
 	@echo "make benchmark-gpu  the GPU variant (PreActResNet-18, CIFAR-shaped data) -> benchmarks/RESULTS-gpu.md"
-	@echo "make setup      only create $(VENV) and install the project"
+	@echo "make setup      only create $(VENV) and install the project (uv; INSTALLER=pip for pip), versions from $(LOCK)"
+	@echo "make lock       rewrite $(LOCK) from the versions in $(VENV)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[test]"
+ifeq ($(INSTALLER),pip)
+	$(PY) -m pip install --quiet $(CONSTRAINTS) $(TORCH_SPEC)
+	$(PY) -m pip install --quiet $(CONSTRAINTS) -e ".[test]"
+else ifeq ($(INSTALLER),uv)
+	test -x $(UV) || $(PY) -m pip install --quiet --target $(VENV)/.uv $(UV_SPEC)
+# uv does not read pip's configuration: it is given the package sources pip has here, from `pip config list`
+# (a PIP_* variable, else [install], else [global]), and like pip takes the best version among all of them
+# (unsafe-best-match: torch 2.13.0+cpu from a find-links folder beats PyPI's CUDA build of 2.13.0). Like pip it
+# writes the .pyc files at install (--compile-bytecode): else every process, each Ray worker included, compiles
+# what it imports, every time where PYTHONDONTWRITEBYTECODE is set (about 6 s of CPU for torch, Ray and MLflow).
+	@conf=$$($(PY) -m pip config list 2>/dev/null); \
+	opt() { for s in :env: install global; do \
+	  v=$$(printf '%s\n' "$$conf" | sed -n "s/^$$s\.$$1='\(.*\)'$$/\1/p" | tail -n 1); \
+	  if [ -n "$$v" ]; then printf '%s\n' "$$v" | sed 's/\\n/ /g'; return 0; fi; \
+	done; }; \
+	args=""; \
+	for v in $$(opt 'index[-_]url'); do args="$$args --index-url $$v"; done; \
+	for v in $$(opt 'extra[-_]index[-_]url'); do args="$$args --extra-index-url $$v"; done; \
+	for v in $$(opt 'find[-_]links'); do args="$$args --find-links $$v"; done; \
+	for v in $$(opt 'constraints*'); do args="$$args --constraints $$v"; done; \
+	for v in $$(opt 'trusted[-_]host'); do args="$$args --allow-insecure-host $$v"; done; \
+	case "$$(opt 'no[-_]index')" in 1|[Tt]rue|yes|on) args="$$args --no-index";; esac; \
+	v=$$(opt cert); if [ -n "$$v" ]; then export SSL_CERT_FILE="$$v"; fi; \
+	v=$$(opt '[a-z_-]*timeout'); if [ -n "$$v" ]; then export UV_HTTP_TIMEOUT="$$v"; fi; \
+	set -x; $(UV) pip install --quiet --compile-bytecode --python $(PY) --index-strategy unsafe-best-match $$args \
+	  $(CONSTRAINTS) $(TORCH_SPEC) -e ".[test]"
+else
+	$(error INSTALLER is uv or pip, not $(INSTALLER))
+endif
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The versions in $(VENV), minus robustune, pip and torch (TORCH_SPEC), as $(LOCK), each for that venv's Python
+# version only. To move to the newest releases: `make setup VENV=/tmp/newest LOCK= && make lock VENV=/tmp/newest`.
+lock:
+	v=$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	{ sed -n '/^#/p' $(LOCK); $(PY) -m pip freeze --all --exclude-editable 2>/dev/null \
+	  | grep -v -i -E '^(pip|torch|robustune)(==| @)' | LC_ALL=C sort -t= -k1,1 -f \
+	  | sed "s/\$$/ ; python_version == \"$$v\"/"; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 data:
 	bash scripts/get_fashion_mnist.sh $(DATA_DIR)

@@ -3,7 +3,7 @@
 A strategy network reads each clean image and draws, per image, an attack strategy from one categorical
 head per attack parameter: the radius epsilon, the number of PGD iterations and the step size. The
 target model trains on PGD examples made with each image's own strategy (label-smoothed CE); every k
-batches the strategy net is updated by REINFORCE to maximize J = L1 + alpha*L2 + beta*L3.
+batches the strategy net is updated by REINFORCE (with a baseline) to maximize J = L1 + alpha*L2 + beta*L3.
 
 Grids. Radii and step sizes are ratios of the evaluation epsilon (`ctx.epsilon`), so one grid transfers
 across datasets: the paper's CIFAR-10 ranges at eval eps 8/255 are eps 3..15/255 (ratios 3/8..15/8), step
@@ -24,32 +24,64 @@ Reward (authors' code; the paper's L2, L3 are negative losses, the code uses acc
        weight decay 5e-4) on those examples;
   L3 = 2 x clean accuracy of that copy.
 With `reward="batch"` (the code) each term is a batch mean, one scalar reward for the batch; with
-`reward="per_sample"` (the paper's estimator, Eq. with L0(x^n)) each image gets its own L1, robust and
-clean correctness. Policy loss = sum over heads of mean(-log pi(a) * reward); gradients averaged over
-workers, clipped to norm `policy_grad_clip`, SGD without momentum at `policy_lr`.
+`reward="per_sample"` (the paper's estimator, Eq. with L0(x^n); the default) each image gets its own L1, robust
+and clean correctness. Policy loss = sum over heads of mean(-log pi(a) * A), A = reward - baseline
+(`reward_baseline`, below); gradients averaged over workers, clipped to norm `policy_grad_clip` (and, sized to
+the run, scaled up to it), SGD without momentum at `policy_lr` (or the run-sized lr).
 The authors' policy and target learning-rate schedules are not reproduced: the policy lr is constant and
 the look-ahead step uses the target's current learning rate from the loop's schedule, as the code does
 (or a fixed `lookahead_lr` when set).
 
-Policy schedule (a change from the paper; `policy_schedule: paper` restores its fixed form). The paper
-updates the strategy net every k = 20 batches with SGD lr 1e-4 and the gradient clipped to norm 1, over
-110 CIFAR-10 epochs: ~2,150 updates. The default study trains 4 epochs of 4,000 images in batches of
-128 (128 batches): 6 updates of at most 1e-4 each, and the policy stays at its initial (near uniform)
-distribution, so the learned strategy would really be a random per-image one. With
-`policy_schedule: sized_to_run` (the default) the cadence and the lr follow the run's length T =
-ctx.steps_per_epoch x ctx.epochs (`sized_policy_schedule`):
-  interval k = min(update_every, max(1, T // policy_updates_per_run)):  at least `policy_updates_per_run`
-      updates (when T allows), and never sparser than the paper's k (`update_every`), so a paper-length run
-      keeps the paper's cadence;
-  lr = max(policy_lr, policy_travel / (T // k)):  each step's gradient is clipped to norm 1, so lr bounds
-      how far one update moves the strategy net; this fixes the run's total step length lr x updates at
-      `policy_travel` whatever the run's length, never below the paper's lr.
-Default-study size (T = 128): k = 2, 64 updates, lr 0.125. Measured there: the policy's entropy fell from
-~6.5 to ~1.7 nats over 4 epochs (max 6.66) and the drawn strategies moved to larger radii and more
-iterations; a run with an action-independent random reward at that lr kept the entropy near 6, so the
-fall follows the reward. With half that travel (lr 0.0625) the entropy barely moved (6.65 -> 6.51); with
-32 updates at lr 0.25 the policy collapsed to one strategy (entropy 0.01). Not checked at CIFAR scale:
-there the rule gives k = 20 and lr 8/2150 = 3.7e-3, larger than the paper's 1e-4.
+Policy gradient and schedule: changes from the paper so that the strategy learns within a short run. The
+authors' form exactly: `policy_schedule: paper`, `reward: batch`, `reward_baseline: none` (the code); the
+paper's equation: `reward: per_sample`, `reward_baseline: none`.
+  Estimator (default `reward: per_sample`, `reward_baseline: mean`). The code multiplies every image's
+  -log pi(a) by one batch reward, always positive (~3-5). Measured at the default study's size (Fashion-MNIST,
+  small CNN, eps 0.1, the target after 2 epochs of PGD-AT, 32 draws of the initial policy on 16 batches): the
+  batch reward moves by 0.065 (sd) between draws of strategies on one batch and by ~0.2 between batches, and
+  it grows by ~2 over a run as the target trains; the gradient's per-update signal-to-noise ratio
+  |E g| / sd(g) was too small to detect (~0). Its one effect is drift: a positive reward raises the
+  probability of whatever was drawn, so a large enough lr collapses the policy to an arbitrary strategy: with
+  the reward replaced by the constant 4 (lr 0.44, 72 updates) the entropy fell to 0.001, the collapse once
+  seen with the real reward at that lr. Per-image rewards give 0.13 (their image-to-image spread, sd ~2.4,
+  is mostly the copy's correctness on the image, which the image's own strategy hardly changes: R^2 < 0.01);
+  with the baseline
+  `mean` (each image's reward minus the mean of the batch's other images, leave-one-out: it does not depend on
+  the image's own draw, so the expected gradient, the objective J, is unchanged) 0.27, and the drift is gone
+  (a constant reward gives a zero gradient). With `reward: batch`, `mean` subtracts a running mean (step
+  `BASELINE_RATE`) of the earlier updates' rewards (the first update's advantage is 0).
+  Cadence and lr (`policy_schedule: sized_to_run`, the default). The paper updates every k = 20 batches at
+  lr 1e-4, the gradient clipped to norm 1, over 110 CIFAR-10 epochs: ~2,150 updates; the default study's
+  3 epochs of 3,000 images in batches of 128 (T = 72 batches) would get 3 updates of at most 1e-4 and a
+  random per-image strategy. Sized to the run's length T = ctx.steps_per_epoch x ctx.epochs
+  (`sized_policy_schedule`):
+    interval k = min(update_every, max(1, T // policy_updates_per_run)):  at least `policy_updates_per_run`
+        updates (when T allows), and never sparser than the paper's k (`update_every`), so a paper-length run
+        keeps the paper's cadence;
+    lr = max(policy_lr, policy_travel / (T // k)), and every update's gradient is scaled to norm
+        `policy_grad_clip` (1; clipped when larger, scaled up when smaller): each update moves the strategy
+        net by exactly lr, and the run's total step length lr x updates is `policy_travel` whatever the
+        run's length (never below the paper's lr). Without the scaling up the distance would follow the
+        spread of the per-image rewards, i.e. the target's accuracy (median gradient norm 0.57 on a seed
+        whose target barely trained, 1.1 on one that trained); only the step's direction carries the signal.
+    Signal and noise both grow with the lr; what separates them is the number of updates: over U updates
+    the signal adds up as 0.27 U and the noise as sqrt(U) (in units of one update's noise), 2.3 : 1 at
+    U = 72. A random walk lowers the entropy too, so whether the policy learned is judged against a
+    control (the same run with the advantages shuffled), not by its entropy alone.
+  Default-study size (T = 72): k = 1, 72 updates, lr 8/72 = 0.111. Measured there (the real loop, seeds
+  0, 1, 2, 3; epoch 1 -> epoch 3): the joint entropy (max 6.66) fell 6.65 -> 4.91, 6.65 -> 6.13,
+  6.60 -> 5.89, 6.64 -> 5.06, and three of the four policies moved to larger radii (mean radius 1.40, 1.31,
+  1.44 eps at epoch 3, uniform 1.125; seed 2: 1.17). The control, the same advantages shuffled across each
+  batch's images (same step lengths, no link to the draws; seeds 0, 1, 2): 6.64 -> 6.53, 6.64 -> 6.53,
+  6.60 -> 5.50, radius 1.15, 1.11, 1.05. So seeds 0, 1, 3 learned beyond the drift; seed 2, whose target
+  barely trains (0.08 clean after epoch 1), drifted as much as its control. The code's estimator at the same
+  schedule (the previous default): 6.59 -> 6.63, 6.63 -> 6.62, 6.61 -> 6.61, 6.65 -> 6.64; at
+  policy_travel 32 (lr 0.44, seed 0) 4.45 after epoch 1 and back to 6.47, where the constant reward had
+  collapsed it (0.001). The reward rose alike in both (seed 0: 3.04 -> 5.05 vs 3.03 -> 4.91; it follows
+  the target's training). Validation PGD accuracy at epoch 3: 0.504, 0.464, 0.210, 0.454 (defaults) vs
+  0.502, 0.472, 0.268, 0.452 (code's estimator); seed 2 moves by several points whatever the policy does
+  (0.236 with a policy that stayed near uniform, 0.194 in the shuffled control). Not checked at CIFAR
+  scale: there the rule gives k = 20 and lr 8/2150 = 3.7e-3, larger than the paper's 1e-4.
 
 Order per batch (as in the code): on every k-th batch (k the interval above; batches k, 2k, ... counted
 from the start of training) the policy is updated first (strategy net in train mode, its own draw of
@@ -101,6 +133,7 @@ ROBUST_ACC_SCALE = 4.0  # authors' code: R2 = robust accuracy x 4 (--R2_param)
 CLEAN_ACC_SCALE = 2.0  # authors' code: R3 = clean accuracy x 2 (--R3_param)
 L1_CLAMP = 10.0  # authors' code: R1 = clamp(CE, 0, 10)
 LOOKAHEAD_WEIGHT_DECAY = 5e-4  # authors' code: the copy's SGD (momentum 0.9 is moot for one step)
+BASELINE_RATE = 0.2  # reward_baseline=mean with the batch reward: the running mean's step (about 5 updates)
 
 
 def strategy_pgd(model: nn.Module, x: Tensor, y: Tensor, epsilon: Tensor, alpha: Tensor, steps: Tensor,
@@ -215,12 +248,15 @@ class LASAT(Defense):
     # Strategy-net updates (REINFORCE).
     # sized_to_run: interval and lr from the run's length (module docstring); paper: update_every, policy_lr.
     policy_schedule: Literal["sized_to_run", "paper"] = "sized_to_run"
-    policy_updates_per_run: int = 64  # sized_to_run: target update count (default study: 128 batches -> k=2)
-    policy_travel: float = 8.0  # sized_to_run: lr x updates (each update's gradient clipped to norm 1)
+    policy_updates_per_run: int = 64  # sized_to_run: target update count (default study: 72 batches -> k=1)
+    policy_travel: float = 8.0  # sized_to_run: lr x updates (each update's gradient scaled to norm 1)
     update_every: int = 20  # paper's k (Table 1: k=20 for PGD-AT); sized_to_run: the sparsest interval
     alpha: float = 1.0  # weight of L2 (look-ahead robustness); code --b 1
     beta: float = 1.0  # weight of L3 (look-ahead clean accuracy); code --c 1
-    reward: Literal["batch", "per_sample"] = "batch"  # batch: code (one scalar); per_sample: paper's estimator
+    reward: Literal["batch", "per_sample"] = "per_sample"  # per_sample: paper's estimator; batch: code (a scalar)
+    # Subtracted from the reward in the policy gradient (module docstring). mean: per_sample -> the mean reward
+    # of the batch's other images, batch -> a running mean of past updates' rewards; none: the code and paper.
+    reward_baseline: Literal["none", "mean"] = "mean"
     policy_lr: float = 1e-4  # SGD without momentum (code); sized_to_run: the smallest lr
     policy_grad_clip: float = 1.0  # max grad norm of the strategy net (code)
     lookahead_lr: Optional[float] = None  # the copy's one SGD step; None: the target's current lr (the code)
@@ -250,6 +286,8 @@ class LASAT(Defense):
             raise ValueError(f"update_every must be >= 1, got {self.update_every}")
         if self.policy_schedule not in ("sized_to_run", PAPER_POLICY_SCHEDULE):
             raise ValueError(f"policy_schedule must be 'sized_to_run' or 'paper', got {self.policy_schedule!r}")
+        if self.reward_baseline not in ("none", "mean"):
+            raise ValueError(f"reward_baseline must be 'none' or 'mean', got {self.reward_baseline!r}")
         if self.policy_updates_per_run < 1:
             raise ValueError(f"policy_updates_per_run must be >= 1, got {self.policy_updates_per_run}")
         if not (math.isfinite(self.policy_travel) and self.policy_travel > 0):
@@ -296,6 +334,7 @@ class LASAT(Defense):
         self._lookahead: nn.Module | None = None
         self.batches_seen = 0
         self.policy_updates = 0
+        self.reward_mean: Optional[float] = None  # running mean of past rewards (batch reward's baseline)
         self._stats = self._empty_stats()
 
     def policy_schedule_for(self, total_steps: int) -> tuple[int, float]:
@@ -382,23 +421,40 @@ class LASAT(Defense):
         return reward.detach(), {"r1": r1.detach(), "r2": r2, "r3": r3}
 
     def policy_step(self, log_prob: dict[str, Tensor], reward: Tensor) -> Tensor:
-        """One REINFORCE step: loss = sum over heads of mean(-log pi(a) * reward); returns the loss."""
+        """One REINFORCE step: loss = sum over heads of mean(-log pi(a) * reward); returns the loss. `reward` is
+        what multiplies -log pi(a): the advantage (`advantage`) in `update_policy`."""
         reward = reward.detach()
         loss = sum((-lp * reward).mean() for lp in log_prob.values())
         self.policy_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = list(self.strategy.parameters())
         self.ctx.average_gradients(params)
-        nn.utils.clip_grad_norm_(params, self.policy_grad_clip)
+        norm = nn.utils.clip_grad_norm_(params, self.policy_grad_clip)
+        if self.policy_schedule != PAPER_POLICY_SCHEDULE and 0 < norm < self.policy_grad_clip:
+            for p in params:  # sized_to_run: every update's gradient has norm policy_grad_clip (not only at most)
+                if p.grad is not None:
+                    p.grad.mul_(self.policy_grad_clip / norm)
         self.policy_optimizer.step()
         return loss.detach()
+
+    def advantage(self, reward: Tensor) -> Tensor:
+        """The reward minus its baseline (`reward_baseline`): what multiplies -log pi(a) in the policy loss."""
+        if self.reward_baseline == "none":
+            return reward
+        if reward.dim():  # per_sample: each image against the mean of the batch's others (leave-one-out)
+            n = reward.numel()
+            return reward - (reward.sum() - reward) / (n - 1) if n > 1 else torch.zeros_like(reward)
+        value = float(reward)  # batch: against the running mean of the earlier updates' rewards
+        previous = self.reward_mean
+        self.reward_mean = value if previous is None else previous + BASELINE_RATE * (value - previous)
+        return reward - previous if previous is not None else torch.zeros_like(reward)
 
     def update_policy(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         self.strategy.train()
         strategy = self.sample_strategy(x)
         x_adv = self.attack(model, x, y, strategy)
         reward, parts = self.compute_reward(model, x, y, x_adv)
-        self.policy_step(strategy.log_prob, reward)
+        self.policy_step(strategy.log_prob, self.advantage(reward))
         self.policy_updates += 1
         stats = self._stats
         stats["updates"] += 1
@@ -469,7 +525,7 @@ class LASAT(Defense):
     def state_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy.state_dict(), "optimizer": self.policy_optimizer.state_dict(),
                 "batches_seen": self.batches_seen, "policy_updates": self.policy_updates,
-                "update_interval": self.update_interval,
+                "update_interval": self.update_interval, "reward_mean": self.reward_mean,
                 "stats": {k: v.clone() for k, v in self._stats.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -479,6 +535,7 @@ class LASAT(Defense):
         self.policy_updates = int(state["policy_updates"])
         # A resumed run keeps the cadence it started with (its lr comes back with the optimizer's state).
         self.update_interval = int(state.get("update_interval", self.update_interval))
+        self.reward_mean = state.get("reward_mean")
         for name, value in state["stats"].items():
             if name not in self._stats or self._stats[name].shape != value.shape:
                 raise ValueError(f"las_at checkpoint statistics {name!r} do not fit this defense's grids")

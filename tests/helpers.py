@@ -99,3 +99,18 @@ def run_study_in_process(study, uri: str) -> dict:
     started = time.time()
     study_dir = start_study(study, log=lines.append)
     return {"dir": study_dir, "uri": uri, "lines": lines, "seconds": time.time() - started}
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    """Headless Chromium with a fresh profile; fails (never skips) when it is missing: what it checks is for
+    people's browsers."""
+    import shutil
+
+    binary = shutil.which("chromium")
+    if binary is None:
+        pytest.fail("chromium is not installed: `make test-ui` installs it (apt-get install -y chromium)")
+    shutil.rmtree(profile, ignore_errors=True)
+    # --no-sandbox: tests run as root in containers; --disable-dev-shm-usage: containers have a tiny /dev/shm.
+    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+               f"--user-data-dir={profile}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, check=True)

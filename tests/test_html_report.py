@@ -3,14 +3,14 @@
 import base64
 import importlib.metadata
 import re
-import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from robustune.html_report import VERSIONED_PACKAGES, render_html, write_html
+
+from helpers import chromium
 
 # Solid colours that fill the two test plots, so the browser's screenshot shows whether they were drawn.
 PLOT_COLOURS = {"robust_vs_clean.png": (255, 0, 255), "robust_vs_compute.png": (0, 200, 200)}
@@ -144,17 +144,6 @@ def test_a_row_with_the_wrong_number_of_cells_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------ a real browser
 WINDOW = (1400, 1000)
-
-
-def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
-    """Headless Chromium; fails (never skips) when it is missing: the report is for people's browsers."""
-    binary = shutil.which("chromium")
-    if binary is None:
-        pytest.fail("chromium is not installed: `make test-ui` installs it (apt-get install -y chromium)")
-    # --no-sandbox: tests run as root in containers; --disable-dev-shm-usage: containers have a tiny /dev/shm.
-    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-               f"--user-data-dir={profile}", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=180, check=True)
 
 
 @pytest.mark.ui

@@ -22,6 +22,7 @@ from robustune import tracking
 from robustune.study import load_study
 from robustune.study_state import StudyState
 
+from helpers import chromium as headless_chromium
 from helpers import free_port, run_study_in_process, start_mlflow_server, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,18 +110,10 @@ class PageText(HTMLParser):
 
 
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
-    """Headless Chromium with a fresh profile (a browser that never opened MLflow: its view switch on GenAI);
-    fails (never skips) when it is missing."""
-    binary = shutil.which("chromium")
-    if binary is None:
-        pytest.fail("chromium is not installed: `make test-ui` installs it (apt-get install -y chromium)")
-    shutil.rmtree(profile, ignore_errors=True)
-    # --no-sandbox: tests run as root in containers; --disable-dev-shm-usage: containers have a tiny /dev/shm.
-    # --virtual-time-budget: let the React app fetch and render before the DOM is dumped or the page drawn.
-    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-               f"--user-data-dir={profile}", "--virtual-time-budget=20000", f"--window-size={WINDOW[0]},{WINDOW[1]}",
-               *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=180, check=True)
+    """A browser that never opened MLflow (its view switch on GenAI). --virtual-time-budget: let the React app
+    fetch and render before the DOM is dumped or the page drawn."""
+    return headless_chromium("--virtual-time-budget=20000", f"--window-size={WINDOW[0]},{WINDOW[1]}", *args,
+                             profile=profile)
 
 
 def rendered(url: str, folder: Path) -> PageText:

@@ -277,6 +277,60 @@ def test_sharded_evaluation_gives_the_same_flags_as_in_process(tiny_study, tmp_p
     assert 0 < alone["aa_acc"] <= alone["pgd_acc"] + 0.2  # a model with some robustness, so the flags mean something
 
 
+
+def test_study_evaluates_runs_at_once_with_the_numbers_of_one_after_another(tiny_study, tmp_path):
+    """Stage 4 runs its evaluations `slots` at a time, each a Ray task: every final run has its evaluation (none
+    lost), and evaluating each run again here, one after another as studies once did (AutoAttack sharded over Ray
+    tasks from this process), gives the same accuracies, checks and per-point outcomes (none changed or swapped)."""
+    from robustune.evaluate_run import evaluate_run
+    from robustune.evaluation import read_outcomes
+    from robustune.study import seed_evaluation, utilization
+    from robustune.study_state import StudyState
+
+    state = StudyState.load(tiny_study["dir"])
+    lines = tiny_study["lines"]
+    started = [i for i, line in enumerate(lines) if line.startswith("[study] evaluating ")]
+    finished = [i for i, line in enumerate(lines) if re.match(r"^\[study\] .* seed \d+ evaluated: ", line)]
+    assert len(started) == len(finished) == len(state.runs) == 6
+    if state.slots > 1:
+        assert started[1] < finished[0]  # the second evaluation started before the first one ended
+    for record in state.runs.values():
+        assert record.evaluation_s > 0 and record.evaluation_slots == 1 and Path(record.evaluation_file).is_file()
+        checkpoint = tmp_path / Path(record.run_dir).name / "final.pt"
+        checkpoint.parent.mkdir()
+        shutil.copy(Path(record.run_dir) / "final.pt", checkpoint)  # a bare checkpoint: its own state, no MLflow run
+        again = evaluate_run(str(checkpoint), seed_evaluation(state.study, record.seed), log=lambda _: None)
+        assert again["autoattack"]["shards"] == 2 and record.evaluation["autoattack"]["shards"] == 1
+        for key in ("first_point", "clean_acc", "pgd_acc", "aa_acc", "robust_acc", "checks"):
+            assert again[key] == record.evaluation[key], (record.key, key)
+        assert read_outcomes(again["outcomes_path"]) == read_outcomes(record.evaluation["outcomes_path"]), record.key
+    # Each evaluation counts its wall time on the one slot it held.
+    assert utilization(state)["evaluation_s"] == pytest.approx(sum(r.evaluation_s for r in state.runs.values()))
+
+
+def test_a_study_interrupted_in_evaluation_keeps_the_evaluations_it_finished(tiny_study):
+    """A study stopped with two evaluations to go: --resume evaluates just those two (AutoAttack resumed from
+    their saved chunks), with the same numbers."""
+    from robustune.study import resume_study
+    from robustune.study_state import StudyState
+
+    state = StudyState.load(tiny_study["dir"])
+    lost = ["fgsm_rs|0", "fgsm (tuned)|1"]  # not standard seed 1: test_evaluate_command counts its evaluations
+    before = {key: state.runs[key].evaluation for key in lost}
+    for key in lost:
+        state.runs[key].evaluation = state.runs[key].evaluation_s = None
+    state.save()
+    lines: list[str] = []
+    resume_study(tiny_study["dir"], log=lines.append)
+    assert sorted(line for line in lines if line.startswith("[study] evaluating ")) == [
+        "[study] evaluating fgsm (tuned) seed 1", "[study] evaluating fgsm_rs seed 0"]
+    after = StudyState.load(tiny_study["dir"])
+    for key in lost:
+        report = after.runs[key].evaluation
+        assert report["autoattack"]["resumed_chunks"] == 2 and after.runs[key].evaluation_s > 0
+        for name in ("clean_acc", "pgd_acc", "aa_acc", "robust_acc", "checks"):
+            assert report[name] == before[key][name], (key, name)
+
 def test_evaluate_command_logs_to_the_run_in_mlflow(tiny_study, monkeypatch, capsys):
     from mlflow import MlflowClient
 
@@ -297,6 +351,25 @@ def test_evaluate_refuses_an_unknown_source(tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------------------ ray job submit
+RAY_OR_LIBRARY_LINE = re.compile(
+    r"^\(\w+ pid=|repeated \d+x across cluster|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO|WARNING)|"
+    r"INFO mlflow|A new study created|Configuration for experiment|TensorBoard|View detailed results")
+
+
+def assert_plain_study_output(output: str) -> None:
+    """What a study prints to a log (not a terminal): its own lines and steady progress lines, no escape codes,
+    no line of Ray's, Tune's, MLflow's or Optuna's, and its summary last, ending with the two ways to look."""
+    assert "\x1b" not in output, "escape codes in a log"
+    lines = [line for line in output.splitlines() if line.strip()]
+    foreign = [line for line in lines if RAY_OR_LIBRARY_LINE.search(line)]
+    assert not foreign, "lines that are not robustune's: " + "\n".join(foreign[:10])
+    assert any(line.startswith("[progress] study tiny stage ") for line in lines)
+    [summary] = [i for i, line in enumerate(lines) if line.startswith("study finished: ")]
+    after = lines[summary + 1:]
+    assert [line.split()[0] for line in after] == ["utilization", "leaderboard:", "MLflow:"], after
+    assert "report to share:" in after[1] and "mlflow ui --backend-store-uri" in after[2]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -339,17 +412,26 @@ def test_ray_job_submit_runs_a_study_and_its_runs_reach_mlflow(ray_head, tmp_pat
                         featured=None)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**ray_head["env"], "RAY_ADDRESS": ray_head["address"]}
-    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}})
-    for attempt in range(6):  # a head just started may not have its job agent up yet: Ray says to try again
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri, "ROBUSTUNE_PROGRESS_S": "2"}})
+    # A head just started may not have its job agent up yet (Ray says to try again): up to 3 minutes on a busy
+    # machine.
+    deadline = time.time() + 180
+    while True:
         submit = subprocess.run(
             [str(ray_head["bin"] / "ray"), "job", "submit", "--working-dir", str(REPO), "--runtime-env-json",
              runtime_env, "--", "robustune", "study", str(study), "--set", f"tracking.output_dir={tmp_path / 'runs'}"],
             env=env, capture_output=True, text=True, timeout=540)
-        if "No available agent to submit job" not in submit.stderr:
+        if "No available agent to submit job" not in submit.stderr or time.time() > deadline:
             break
         time.sleep(5)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout and "# Leaderboard: tiny" in submit.stdout
+    job = re.search(r"Job '(raysubmit_\w+)' submitted successfully", submit.stdout).group(1)
+    logs = subprocess.run([str(ray_head["bin"] / "ray"), "job", "logs", job], env=env, capture_output=True,
+                          text=True, timeout=120, check=True).stdout
+    # Ray's job manager writes its own lines first; the study's output starts after its "Running entrypoint".
+    assert "Running entrypoint for job" in logs, logs[:2000]
+    assert_plain_study_output(logs.split("Running entrypoint for job", 1)[1].split("\n", 1)[1])
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("robustune").experiment_id])
     kinds = sorted(r.data.tags.get("kind", "") for r in runs)

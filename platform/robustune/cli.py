@@ -24,6 +24,10 @@ EPILOG_TRAIN = textwrap.dedent("""\
 """)
 
 
+VERBOSE_HELP = ("also print every worker's per-epoch lines, each evaluation's details, and Ray's and MLflow's "
+                "own log lines (by default a live display on a terminal, plain progress lines elsewhere)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="robustune",
@@ -83,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search")
     search.add_argument("--refit", action="store_true",
                         help="then retrain the best config on training + validation data and evaluate it on test")
+    search.add_argument("--verbose", "-v", action="store_true", help=VERBOSE_HELP)
 
     study = commands.add_parser(
         "study", help="run a study: tune and train several defenses the same way, evaluate, build the leaderboard",
@@ -105,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a run setting of every defense, e.g. --set train.epochs=2 (repeatable)")
     study.add_argument("--resume", metavar="STUDY_DIR", help="continue an interrupted study")
     study.add_argument("--check", action="store_true", help="validate the definition and exit")
+    study.add_argument("--verbose", "-v", action="store_true", help=VERBOSE_HELP)
 
     from robustune import evaluate_run, leaderboard
     from robustune.defense import defense_commands
@@ -170,12 +176,35 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_output(verbose: bool) -> None:
+    """A study or search prints its own lines and progress. Without --verbose, Ray does not pass on its workers'
+    output, and Ray, MLflow and Python warnings say only what is an error; with it, every worker line is
+    passed on (no "[repeated]" folding), without colour codes when the output is not a terminal."""
+    import logging
+    import os
+
+    from robustune import cluster
+
+    cluster.show_worker_output(verbose)
+    if verbose:
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        if not sys.stdout.isatty():
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
+
+
 def command_search(args: argparse.Namespace) -> int:
+    from robustune import progress
     from robustune.config import raw_config
     from robustune.search import SearchSettings, resume_search, start_search
 
+    quiet_output(args.verbose)
     if args.resume:
-        resume_search(args.resume, refit=args.refit)
+        with progress.showing("search") as shown:
+            resume_search(args.resume, log=shown.log, refit=args.refit)
         return 0
     if not args.defense:
         raise SystemExit("robustune search: name a defense (see `robustune methods`), or --resume SEARCH_DIR")
@@ -184,25 +213,30 @@ def command_search(args: argparse.Namespace) -> int:
                               seed=args.seed, searcher=args.searcher, grid_points=args.grid_points,
                               scheduler=args.scheduler,
                               include_default=not args.no_default_point, space_file=args.space)
-    start_search(settings, raw_config(None, args.config, args.overrides), refit=args.refit)
+    with progress.showing(f"search {args.defense}") as shown:
+        start_search(settings, raw_config(None, args.config, args.overrides), log=shown.log, refit=args.refit)
     return 0
 
 
 def command_study(args: argparse.Namespace) -> int:
+    from robustune import progress
     from robustune.study import load_study, resume_study, start_study
 
+    quiet_output(args.verbose)
     if args.resume:
         if args.file or args.overrides:
             raise SystemExit("robustune study: --resume continues a study with its own saved definition; "
                              "drop the file and --set arguments")
-        resume_study(args.resume)
+        with progress.showing("study") as shown:
+            resume_study(args.resume, log=shown.log, detail=shown.log if args.verbose else shown.ignore)
         return 0
     study = load_study(args.file, args.overrides)
     if args.check:
         print(f"study {study.name} ({study.source}): valid; {len(study.entries)} defenses "
               f"({', '.join(e.label for e in study.entries)}), seeds {study.seeds}")
         return 0
-    start_study(study)
+    with progress.showing(f"study {study.name}") as shown:
+        start_study(study, log=shown.log, detail=shown.log if args.verbose else shown.ignore)
     return 0
 
 

@@ -15,6 +15,17 @@ ALLOW_PENDING_ENV = "ROBUSTUNE_ALLOW_PENDING_RESOURCES"
 TRAIN_HEALTH_CHECK_S = "0.2"
 
 
+# Whether Ray passes its workers' output (and its own warnings) on to this driver: on for `robustune train`,
+# whose run prints its epochs from a Ray task; a study or search prints its own progress and turns it off
+# unless --verbose (`show_worker_output`).
+_worker_output = True
+
+
+def show_worker_output(show: bool) -> None:
+    global _worker_output
+    _worker_output = show
+
+
 def ensure_ray() -> None:
     """Connect to $RAY_ADDRESS, or start a local Ray (token authentication stays as Ray sets it: on). A local
     Ray starts without its dashboard (seconds of start-up nobody looks at); RAY_INCLUDE_DASHBOARD=1 keeps it."""
@@ -25,7 +36,8 @@ def ensure_ray() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_HEALTH_CHECK_S)
     address = os.environ.get("RAY_ADDRESS")
     options = {} if address else {"include_dashboard": os.environ.get("RAY_INCLUDE_DASHBOARD") == "1"}
-    ray.init(address=address, logging_level="WARNING", **options)
+    ray.init(address=address, logging_level="WARNING" if _worker_output else "ERROR",
+             log_to_driver=_worker_output, **options)
 
 
 def cluster_cpus() -> int:

@@ -203,7 +203,7 @@ class EvalConfig:
     points: int = 1000  # quick/custom: attacks run on N test examples from first_point (full: the whole test set)
     first_point: int = 0  # quick/custom: where the attacked slice starts (a study gives each seed its own slice)
     checks: bool = True  # gradient-masking checks (more steps, larger eps, unbounded, black-box vs white-box)
-    workers: int = 1  # AutoAttack shards run as this many Ray tasks (`robustune evaluate`, studies)
+    workers: int = 1  # AutoAttack shards as Ray tasks (`robustune evaluate`; a study's evaluation runs in one task)
     batch_size: int = 500
     # custom protocol only:
     pgd_steps: int = 20

@@ -3,8 +3,9 @@
 The source is a run folder (it holds `final.pt` and `run.json`), a `final.pt` file, or an MLflow run id (its
 `checkpoint/final.pt` artifact is downloaded when the run folder is not on this machine). The model, the defense
 (for a test-time step such as ATLD's IMT) and the test split are rebuilt from the config saved in the checkpoint;
-AutoAttack is sharded across `eval.workers` Ray tasks and resumes from `<run>/eval-<protocol>/` after an
-interruption. When the source belongs to an MLflow run, the numbers, report and `eval/warning` tag go there.
+AutoAttack is sharded across `eval.workers` Ray tasks (a study's evaluation, itself a Ray task, runs it in that task:
+`evaluate_in_task`) and resumes from `<run>/eval-<protocol>/` after an interruption. When the source belongs to an
+MLflow run, the numbers, report and `eval/warning` tag go there.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import re
 import tempfile
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -106,6 +108,21 @@ def evaluate_run(source: str, eval_settings: dict[str, Any], *, tracking_uri: st
         report["run_id"] = where.run_id
     log(format_report(report))
     return report
+
+
+def evaluate_in_task(source: str, eval_settings: dict[str, Any], threads: int) -> dict[str, Any]:
+    """`evaluate_run` as the body of a Ray task that holds `threads` CPUs (a study runs its evaluations so, several
+    at once). AutoAttack's chunks run here, one after another: as nested tasks they would wait for CPUs (or a GPU)
+    that the study's evaluations hold. The chunks, and so the flags, are the same as sharded ones
+    (robustune.evaluation). Returns the report, its log lines (the study's driver passes them on as the evaluation
+    ends, so that concurrent evaluations do not interleave) and the wall seconds the task held its resources."""
+    import torch
+
+    started = time.time()
+    torch.set_num_threads(threads)
+    lines: list[str] = []
+    report = evaluate_run(source, {**eval_settings, "workers": 1}, log=lines.append)
+    return {"report": report, "lines": lines, "seconds": time.time() - started}
 
 
 # ------------------------------------------------------------------------------------------------ CLI

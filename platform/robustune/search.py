@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,18 +41,19 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import yaml
-from ray.tune import Callback, Stopper
+from ray.tune import Stopper
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
+from robustune import progress
 from robustune.config import ConfigError, apply_override, merge
 from robustune.loop import describe_diagnosis, diagnosis
 from robustune.resolve import resolve_config
 from robustune.search_space import Distribution, check_samples_resolve, load_space
 from robustune.run import run_id_of
 from robustune.storage import Location, location, output_root, ray_storage, write_parquet
-from robustune.trials import (CLEAN_METRIC, ROBUST_METRIC, TrialOutcomes, TrialPlan, TrialRun, first_error_line,
-                              trainable, tune_failures)
+from robustune.trials import (CLEAN_METRIC, ROBUST_METRIC, TrialOutcomes, TrialPlan, TrialProgress, TrialRun,
+                              first_error_line, trainable, tune_failures)
 
 SEARCH_FILE = "search.json"
 RESULTS_FILE = "results.parquet"
@@ -279,33 +279,13 @@ class BatchedSuccessiveHalving(FIFOScheduler):
         return self.CONTINUE
 
 
-class ProgressPrinter(Callback):
-    """Tune callback: one line per finished trial with counts and the best objective so far."""
+class SearchProgress(TrialProgress):
+    """The search's trials on the progress display, and a line as each ends (robustune.trials.TrialProgress)."""
 
-    def __init__(self, samples: int):
-        self.samples = samples
-        self.started = time.time()
+    prefix = "search"
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._print(trials, trial, "finished")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._print(trials, trial, "FAILED")
-
-    def _print(self, trials, trial, what: str) -> None:
-        # Tune may not have marked this trial finished yet when it calls back.
-        finished = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | {trial.trial_id}
-        done = len(finished)
-        running = sum(t.status == "RUNNING" and t.trial_id not in finished for t in trials)
-        # A trial whose latest epoch is at chance cannot win (see `summarize`).
-        scores = [(t.last_result["objective"], t) for t in trials if t.last_result and "objective" in t.last_result
-                  and not t.last_result.get("diag/collapsed")]
-        best = max(scores, key=lambda pair: pair[0], default=None)
-        best_text = f"best objective {best[0]:.4f} ({format_params(best[1].config)})" if best else "no result yet"
-        sys.stdout.write(f"[search] trial {trial.trial_id} {what}: {done}/{self.samples} done, {max(running, 0)} "
-                         f"running, {max(0, self.samples - done - max(running, 0))} to go; {best_text}; "
-                         f"{time.time() - self.started:.0f}s\n")
-        sys.stdout.flush()
+    def what(self, trial) -> str:
+        return format_params(trial.config)
 
 
 def format_params(params: dict[str, Any]) -> str:
@@ -326,7 +306,7 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
     trial_trainable = trainable(plan, config)
     outcomes = TrialOutcomes(plan, config.tracking.tracking_uri, budget.stop_reason)
     run_config = tune.RunConfig(name="tune", **ray_storage(search_dir), verbose=0, stop=budget,
-                                callbacks=[ProgressPrinter(settings.samples), outcomes, *(callbacks or [])],
+                                callbacks=[SearchProgress(), outcomes, *(callbacks or [])],
                                 failure_config=tune.FailureConfig(max_failures=tune_failures(config)))
     if restore:
         where = ray_storage(search_dir / "tune")
@@ -346,6 +326,7 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
     # A grid is the grid: the defaults are not added to it.
     defaults = (default_point(settings.defense, space, base)
                 if settings.include_default and settings.searcher != "grid" else None)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "A new study created" says nothing to a user
     searcher = OptunaSearch(space={k: d.to_optuna() for k, d in space.items()}, metric=metric, mode=mode,
                             sampler=sampler, points_to_evaluate=[defaults] if defaults else None)
     batch_size = settings.max_concurrent
@@ -386,9 +367,11 @@ def default_point(defense: str, space: dict[str, Distribution], base: dict[str, 
 
 def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Callable[[str], None] = print,
                  refit: bool = False, parent_run_id: str | None = None,
-                 extra_tags: dict[str, str] | None = None, callbacks: list | None = None) -> dict[str, Any]:
+                 extra_tags: dict[str, str] | None = None, callbacks: list | None = None,
+                 stage: tuple[int, int, str] | None = None) -> dict[str, Any]:
     """Validate everything, create the search folder and MLflow parent run, run the search. `callbacks`:
-    more Ray Tune callbacks for this run of the search (after the search's own; not kept for --resume)."""
+    more Ray Tune callbacks for this run of the search (after the search's own; not kept for --resume).
+    `stage`: (k, n, name) of the stage this search is on the progress display (default: its own stages)."""
     from robustune import tracking
     from robustune.data import check_available
     from robustune.cluster import check_cluster_fits, ensure_ray, share_cpus
@@ -437,11 +420,11 @@ def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Calla
     log(f"search {search_name}: {settings.samples} trials of {settings.defense} over "
         f"{', '.join(space)}; {settings.max_concurrent} at a time; MLflow parent run {parent_run_id}")
     log(f"search folder {search_dir} (continue an interrupted search with: robustune search --resume {search_dir})")
-    return _run(search_dir, log, restore=False, refit=refit, callbacks=callbacks)
+    return _run(search_dir, log, restore=False, refit=refit, callbacks=callbacks, stage=stage)
 
 
 def resume_search(search_dir: str | Location, log: Callable[[str], None] = print,
-                  refit: bool = False) -> dict[str, Any]:
+                  refit: bool = False, stage: tuple[int, int, str] | None = None) -> dict[str, Any]:
     from ray import tune
 
     from robustune import tracking
@@ -462,11 +445,11 @@ def resume_search(search_dir: str | Location, log: Callable[[str], None] = print
     restore = tune.Tuner.can_restore(where.pop("storage_path"), **where)
     if not restore:  # interrupted before Tune first saved its state: the trials start over
         log(f"search {state['search_name']}: Tune saved no state before the interruption; starting its trials")
-    return _run(search_dir, log, restore=restore, refit=refit)
+    return _run(search_dir, log, restore=restore, refit=refit, stage=stage)
 
 
 def _run(search_dir: Location, log: Callable[[str], None], restore: bool, refit: bool,
-         callbacks: list | None = None) -> dict[str, Any]:
+         callbacks: list | None = None, stage: tuple[int, int, str] | None = None) -> dict[str, Any]:
     from robustune import tracking
 
     state = json.loads((search_dir / SEARCH_FILE).read_text())
@@ -478,6 +461,9 @@ def _run(search_dir: Location, log: Callable[[str], None], restore: bool, refit:
     budget = ComputeBudget(settings.budget_s, base["resources"]["num_workers"])
     if settings.budget_s is not None:
         log(f"search {search_name}: compute budget {settings.budget_s:.0f} worker-seconds of training epochs")
+    shown = progress.current()
+    number, of, name = stage or (1, 2 if refit else 1, f"search {settings.defense}")
+    shown.stage(number, of, name, units=settings.samples, kind="trial", at_once=settings.max_concurrent or 1)
     tuner = _make_tuner(settings, space, base, search_dir, parent_run_id, search_name, log, restore, budget,
                         callbacks)
     results = tuner.fit()
@@ -514,6 +500,7 @@ def _run(search_dir: Location, log: Callable[[str], None], restore: bool, refit:
     (search_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     log(format_summary(summary, table))
     if refit and best:
+        shown.stage(2, 2, "refit of the best config", units=1, kind="run")
         summary["refit"] = refit_best(summary, log)
     elif refit:
         log(f"no refit: the search named no winner ({summary['no_winner']})")

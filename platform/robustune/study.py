@@ -27,7 +27,7 @@ How it runs (every stage resumes: `robustune study --resume STUDY_DIR`):
   1. untuned entries, every seed: training runs on Ray Train, several at once through Ray Tune;
   2. each tuned entry: a search on validation data (`robustune.search`), its compute capped by `budget`;
   3. tuned entries, every seed: the best config retrained (same data, same model selection as untuned ones);
-  4. every final run evaluated on the test split by the study's protocol (AutoAttack sharded over Ray tasks);
+  4. every final run evaluated on the test split by the study's protocol, several at once (a Ray task each);
   5. the leaderboard (`robustune.leaderboard`): Markdown, CSV, Parquet, two plots, on the study's MLflow run.
 Trials and final runs train on the training split and select their epoch on the validation split; the
 test split is touched only in stage 4.
@@ -40,7 +40,6 @@ so, and so does the entry's leaderboard row (no numbers, the reason in its diagn
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -48,15 +47,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from ray.tune import Callback
 
+from robustune import progress
 from robustune.config import ConfigError, EvalConfig, apply_override, build_dataclass, merge
 from robustune.resolve import resolve_config
 from robustune.study_state import (DEFINITION_FILE, Entry, RunRecord, SearchRecord, Study, StudyState,
                                    is_study_dir)
 from robustune.run import FINAL_MODEL_FILE, finished_report, run_id_of
 from robustune.storage import Location, check_nodes_see, check_storage, location, output_root, ray_storage
-from robustune.trials import TrialOutcomes, TrialPlan, TrialRun, trainable, tune_failures
+from robustune.trials import TrialOutcomes, TrialPlan, TrialProgress, TrialRun, trainable, tune_failures
 
 SEED_SLICES = "seed_slices"  # evaluation key: each seed attacked on its own test slice (default true)
 STUDY_KEYS = {"name", "description", "dataset", "model", "epsilon", "epochs", "seeds", "base", "evaluation",
@@ -221,8 +220,10 @@ def _space_path(entry: Entry, study: Study) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- running
-def start_study(study: Study, log: Callable[[str], None] = print) -> Location:
-    """Create the study folder and its MLflow parent run, then run every stage."""
+def start_study(study: Study, log: Callable[[str], None] = print,
+                detail: Callable[[str], None] | None = None) -> Location:
+    """Create the study folder and its MLflow parent run, then run every stage. `log` gets the study's lines,
+    `detail` each evaluation's own (default: `log` too)."""
     from robustune import tracking
     from robustune.cluster import check_cluster_fits, ensure_ray, share_cpus
 
@@ -254,10 +255,11 @@ def start_study(study: Study, log: Callable[[str], None] = print) -> Location:
     log(f"study {instance}: {len(study.entries)} defenses x {len(study.seeds)} seed(s), {slots} run(s) at once; "
         f"MLflow parent run {parent_run_id} at {tracking.redact_uri(uri)}")
     log(f"study folder {study_dir} (continue an interrupted study with: robustune study --resume {study_dir})")
-    return run_stages(study_dir, log)
+    return run_stages(study_dir, log, detail)
 
 
-def resume_study(study_dir: str | Location, log: Callable[[str], None] = print) -> Location:
+def resume_study(study_dir: str | Location, log: Callable[[str], None] = print,
+                 detail: Callable[[str], None] | None = None) -> Location:
     from robustune import tracking
     from robustune.cluster import ensure_ray
 
@@ -271,10 +273,11 @@ def resume_study(study_dir: str | Location, log: Callable[[str], None] = print) 
     state = StudyState.load(study_dir)
     tracking.set_status(state.tracking_uri, state.parent_run_id, "RUNNING")
     log(f"resuming study {state.instance} (MLflow parent run {state.parent_run_id})")
-    return run_stages(study_dir, log)
+    return run_stages(study_dir, log, detail)
 
 
-def run_stages(study_dir: Location, log: Callable[[str], None]) -> Location:
+def run_stages(study_dir: Location, log: Callable[[str], None],
+               detail: Callable[[str], None] | None = None) -> Location:
     from robustune import leaderboard, tracking
     from robustune.search import no_winner
 
@@ -282,35 +285,49 @@ def run_stages(study_dir: Location, log: Callable[[str], None]) -> Location:
     state = StudyState.load(study_dir)
     study = state.study
     uri, parent = state.tracking_uri, state.parent_run_id
+    shown = progress.current()
+    seeds, slots = len(study.seeds), state.slots
+    untuned = [e for e in study.entries if not e.tune]
+    tuned = [e for e in study.entries if e.tune]
+    # What is still to come after each stage, for the display's estimate of the time left.
+    searches = [(int(e.search.get("samples", 8)), "trial", slots) for e in tuned]
+    evaluations = (len(study.entries) * seeds, "evaluation", slots)
     try:
-        untuned = [e for e in study.entries if not e.tune]
-        tuned = [e for e in study.entries if e.tune]
-        log(f"[study] stage 1/5: {len(untuned)} untuned defense(s) x {len(study.seeds)} seed(s)")
-        _train_final_runs(state, untuned, {}, log)
-        for entry in tuned:
+        shown.plan([*searches, (len(tuned) * seeds, "run", slots), evaluations])
+        _train_final_runs(state, untuned, {}, log,
+                          stage=(1, f"{len(untuned)} untuned defense(s) x {seeds} seed(s)"))
+        for index, entry in enumerate(tuned):
+            shown.plan(searches[index + 1:] + [(len(tuned) * seeds, "run", slots), evaluations])
             log(f"[study] stage 2/5: search for {entry.label}")
-            _search(state, entry, log)
+            _search(state, entry, log, stage=(2, 5, f"search for {entry.label} ({index + 1} of {len(tuned)})"))
         lost = {e.label: reason for e in tuned if (reason := no_winner(state.searches[e.label].search_dir))}
         tuned = [e for e in tuned if e.label not in lost]
-        log(f"[study] stage 3/5: {len(tuned)} tuned defense(s) retrained with their best config x "
-            f"{len(study.seeds)} seed(s)")
+        shown.plan([evaluations])
         for label, reason in lost.items():
             log(f"[study] {label} FAILED: its search named no winner ({reason}); not retrained, no leaderboard "
                 "numbers")
-        _train_final_runs(state, tuned, {e.label: state.searches[e.label].best_params for e in tuned}, log)
+        _train_final_runs(state, tuned, {e.label: state.searches[e.label].best_params for e in tuned}, log,
+                          stage=(3, f"{len(tuned)} tuned defense(s) retrained with their best config x {seeds} "
+                                    "seed(s)"))
+        shown.plan([])
         log("[study] stage 4/5: evaluation on the test split")
-        _evaluate_final_runs(state, log)
+        shown.stage(4, 5, "evaluation on the test split", units=len(state.runs), kind="evaluation",
+                    at_once=slots, done=sum(r.evaluation is not None for r in state.runs.values()))
+        _evaluate_final_runs(state, log, detail or log)
         state.wall_s += time.time() - started
         started = time.time()
         usage = utilization(state)
         state.save()
         log("[study] stage 5/5: leaderboard")
+        shown.stage(5, 5, "leaderboard", units=1, kind="leaderboard")
         table = leaderboard.build(study_dir, log=log)
     except BaseException:
         state.wall_s += time.time() - started
         state.save()
         tracking.set_status(uri, parent, "FAILED")
         raise
+    finally:
+        shown.close()  # the summary below is the last thing printed
     tracking.log_metrics(uri, parent, {"study/utilization": usage["utilization"], "study/wall_s": state.wall_s,
                                        "study/busy_worker_s": usage["busy_s"]}, step=0)
     tracking.set_status(uri, parent, "FINISHED")
@@ -332,14 +349,14 @@ def run_stages(study_dir: Location, log: Callable[[str], None]) -> Location:
 
 def utilization(state: StudyState) -> dict[str, float]:
     """Busy worker-seconds (training epochs of final runs and search trials, and evaluation) over the study's
-    wall time x its slots. Evaluation counts on every slot: it runs multi-threaded in the driver while its
-    AutoAttack shards fill the slots."""
+    wall time x its slots. An evaluation counts its wall time on the slots it held (one; an evaluation recorded
+    without that ran in the driver while its AutoAttack shards filled every slot)."""
     from robustune.leaderboard import search_compute
 
     workers = resolve_config(state.study.base).resources.num_workers
     training_s = sum(r.training["train_seconds"] * workers for r in state.runs.values() if r.training)
     search_s = sum(search_compute(s.search_dir)[1] for s in state.searches.values())
-    evaluation_s = sum((r.evaluation_s or 0.0) * state.slots for r in state.runs.values())
+    evaluation_s = sum((r.evaluation_s or 0.0) * (r.evaluation_slots or state.slots) for r in state.runs.values())
     busy = training_s + search_s + evaluation_s
     return {"utilization": busy / max(state.wall_s * state.slots, 1e-9), "busy_s": busy, "training_s": training_s,
             "search_s": search_s, "evaluation_s": evaluation_s}
@@ -371,7 +388,7 @@ class StudyPlan(TrialPlan):
 
 
 def _train_final_runs(state: StudyState, entries: list[Entry], best: dict[str, dict[str, Any]],
-                      log: Callable[[str], None]) -> None:
+                      log: Callable[[str], None], stage: tuple[int, str]) -> None:
     runs, labels = [], []
     for entry in entries:
         for seed in state.study.seeds:
@@ -386,6 +403,11 @@ def _train_final_runs(state: StudyState, entries: list[Entry], best: dict[str, d
                                      {"kind": "study_run", "study_entry": entry.label},
                                      display_name=f"{entry.label} seed {seed}"))
                 labels.append(f"{entry.label} seed {seed}")
+    number, name = stage
+    total = len(entries) * len(state.study.seeds)
+    log(f"[study] stage {number}/5: {name}")
+    progress.current().stage(number, 5, name, units=total, kind="run", at_once=state.slots,
+                             done=total - len(runs))
     if runs:
         run_many(StudyPlan(runs=runs, labels=labels), state, log)
     for entry in entries:
@@ -401,21 +423,20 @@ def _train_final_runs(state: StudyState, entries: list[Entry], best: dict[str, d
     state.save()
 
 
-class RunProgress(Callback):
-    """One line per finished or failed study run (stdout: Tune pickles its callbacks, a logger may not be)."""
+class StudyProgress(TrialProgress):
+    """The study's training runs on the progress display, and a line as each ends (robustune.trials)."""
+
+    prefix = "study"
 
     def __init__(self, labels: list[str]):
-        self.labels, self.started = labels, time.time()
+        super().__init__()
+        self.labels = labels
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._line(trial, "finished")
+    def name(self, trial) -> str:
+        return self.labels[trial.config["index"]]
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(trial, "FAILED")
-
-    def _line(self, trial, what: str) -> None:
-        sys.stdout.write(f"[study] {self.labels[trial.config['index']]} {what} ({time.time() - self.started:.0f}s)\n")
-        sys.stdout.flush()
+    def what(self, trial) -> str:
+        return self.labels[trial.config["index"]]
 
 
 def run_many(plan: StudyPlan, state: StudyState, log: Callable[[str], None]) -> None:
@@ -428,14 +449,14 @@ def run_many(plan: StudyPlan, state: StudyState, log: Callable[[str], None]) -> 
                        tune_config=tune.TuneConfig(max_concurrent_trials=state.slots, reuse_actors=True),
                        run_config=tune.RunConfig(name=f"runs-{time.strftime('%H%M%S')}",
                                                  **ray_storage(state.path / "tune"), verbose=0,
-                                                 callbacks=[RunProgress(plan.labels),
+                                                 callbacks=[StudyProgress(plan.labels),
                                                             TrialOutcomes(plan, state.tracking_uri)],
                                                  failure_config=tune.FailureConfig(max_failures=tune_failures(config))))
     log(f"[study] {len(plan.runs)} training run(s), {state.slots} at a time: " + ", ".join(plan.labels))
     tuner.fit()
 
 
-def _search(state: StudyState, entry: Entry, log: Callable[[str], None]) -> None:
+def _search(state: StudyState, entry: Entry, log: Callable[[str], None], stage: tuple[int, int, str]) -> None:
     import json
 
     from robustune.search import SEARCH_FILE, SUMMARY_FILE, SearchSettings, resume_search, start_search
@@ -444,7 +465,7 @@ def _search(state: StudyState, entry: Entry, log: Callable[[str], None]) -> None
     if (search_dir / SUMMARY_FILE).is_file():
         summary = json.loads((search_dir / SUMMARY_FILE).read_text())
     elif (search_dir / SEARCH_FILE).is_file():
-        summary = resume_search(search_dir, log=log)
+        summary = resume_search(search_dir, log=log, stage=stage)
     else:
         budget_s = None
         if entry.budget is not None:
@@ -456,7 +477,7 @@ def _search(state: StudyState, entry: Entry, log: Callable[[str], None]) -> None
         data = _entry_config(state, entry, state.study.seeds[0], {})
         data = merge(data, {"tracking": {"output_dir": str(search_dir.parent), "run_name": search_dir.name}})
         summary = start_search(settings, data, log=log, parent_run_id=state.parent_run_id,
-                               extra_tags={"study_entry": entry.label})
+                               extra_tags={"study_entry": entry.label}, stage=stage)
     best = summary.get("best")
     if not best:  # the entry fails (see the module docstring); the record keeps its search compute
         from robustune import tracking
@@ -491,16 +512,80 @@ def seed_evaluation(study: Study, seed: int) -> dict[str, Any]:
     return settings
 
 
-def _evaluate_final_runs(state: StudyState, log: Callable[[str], None]) -> None:
-    from robustune.evaluate_run import evaluate_run
+def _evaluate_final_runs(state: StudyState, log: Callable[[str], None], detail: Callable[[str], None]) -> None:
+    """Every final run not evaluated yet, `state.slots` evaluations at once: each is a Ray task holding one slot's
+    share (`_evaluation_resources`), so on a cluster they spread over nodes; it reads the run folder from the
+    study's storage. The driver records each evaluation as it ends and saves the state, so an interrupted study
+    keeps it; `detail` gets the evaluation's own lines then (together), `log` one line. After a failed
+    evaluation no new one starts: those running finish and are kept, then its error is raised (a resumed study
+    retries it)."""
+    import ray
 
+    from robustune.cluster import ensure_ray
+    from robustune.evaluate_run import evaluate_in_task
+
+    waiting = [r for r in state.runs.values() if not r.failed and r.evaluation is None]
+    if not waiting:
+        return
+    ensure_ray()
     protocol = state.study.evaluation.get("protocol", "quick")
-    for record in state.runs.values():
-        if record.failed or record.evaluation is not None:
-            continue
-        log(f"[study] evaluating {record.label} seed {record.seed}")
-        started = time.time()
-        record.evaluation = evaluate_run(record.run_dir, seed_evaluation(state.study, record.seed), log=log)
-        record.evaluation_s = time.time() - started
-        record.evaluation_file = str(location(record.run_dir) / f"eval-{protocol}" / "report.json")
-        state.save()
+    shown = progress.current()
+    task = ray.remote(evaluate_in_task)
+    running: dict[Any, RunRecord] = {}  # task -> its run
+    failure: Exception | None = None
+    try:
+        while running or (waiting and failure is None):
+            while waiting and failure is None and len(running) < state.slots:
+                record = waiting.pop(0)
+                resources = _evaluation_resources(state, record)
+                running[task.options(**resources).remote(record.run_dir, seed_evaluation(state.study, record.seed),
+                                                         resources["num_cpus"])] = record
+                detail(f"[study] evaluating {record.label} seed {record.seed}")
+                shown.unit_started(f"{record.label} seed {record.seed}")
+            [done], _ = ray.wait(list(running), num_returns=1)
+            record = running.pop(done)
+            name = f"{record.label} seed {record.seed}"
+            try:
+                result = ray.get(done)
+            except Exception as error:  # the task's own exception type (Ray's error subclasses it) or a lost worker
+                failure = failure or error
+                shown.unit_finished(name, ok=False)
+                log(f"[study] {name} evaluation FAILED; no new evaluation starts")
+                continue
+            for line in result["lines"]:
+                detail(line)
+            record.evaluation, record.evaluation_s, record.evaluation_slots = result["report"], result["seconds"], 1
+            record.evaluation_file = str(location(record.run_dir) / f"eval-{protocol}" / "report.json")
+            state.save()
+            shown.unit_finished(name)
+            log(f"[study] {name} evaluated: {evaluation_line(record.evaluation)} ({record.evaluation_s:.0f}s)")
+    except BaseException:
+        for ref in running:  # an interrupted driver leaves no evaluation running
+            ray.cancel(ref, force=True)
+        raise
+    if isinstance(failure, ray.exceptions.RayTaskError) and failure.cause is not None:
+        # The evaluation's own exception, as when it ran in the driver (the CLI reports a ConfigError, say).
+        raise failure.cause from failure
+    if failure is not None:
+        raise failure
+
+
+def _evaluation_resources(state: StudyState, record: RunRecord) -> dict[str, Any]:
+    """One study slot's share for an evaluation: the CPUs a final run's workers hold, and one GPU when the runs
+    train on GPUs (an evaluation runs on one device)."""
+    from robustune.cluster import worker_threads
+
+    config = resolve_config(state.study.run_config(state.study.entry(record.label), record.seed))
+    return {"num_cpus": worker_threads(config) * config.resources.num_workers,
+            "num_gpus": 1 if config.resources.use_gpu else 0}
+
+
+def evaluation_line(report: dict[str, Any]) -> str:
+    """An evaluation's accuracies on one line (the full report is in its run folder and MLflow run)."""
+    parts = [f"clean {report['clean_acc']:.4f}", f"PGD-{report['pgd']['steps']} {report['pgd_acc']:.4f}"]
+    if report.get("aa_acc") is not None:
+        parts.append(f"AutoAttack {report['aa_acc']:.4f}")
+    parts.append(f"every attack {report['robust_acc']:.4f}")
+    if report.get("warnings"):
+        parts.append(f"{len(report['warnings'])} warning(s)")
+    return ", ".join(parts)

@@ -13,13 +13,14 @@ it between epochs), FAILED with the error.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ray.tune import Callback
 
-from robustune import tracking
+from robustune import progress, tracking
 from robustune.cluster import run_resources
 from robustune.config import Config
 from robustune.resolve import resolve_config
@@ -176,3 +177,49 @@ class TrialOutcomes(Callback):
             return
         tracking.set_tag(self.uri, run_id, "stop_reason", "failed")
         tracking.set_status(self.uri, run_id, "FAILED")
+
+
+class TrialProgress(Callback):
+    """Counts trials on the progress display (robustune.progress) as they start and end, keeps the best objective
+    so far (a trial whose latest epoch is at chance cannot win) and prints one line as each ends. The display
+    is reached through `progress.current()`: Tune pickles its callbacks."""
+
+    prefix = "trials"
+
+    def __init__(self):
+        self.started = time.time()
+
+    def name(self, trial) -> str:
+        return f"trial {trial.trial_id}"
+
+    def what(self, trial) -> str:
+        """What a trial tried, next to the best objective."""
+        return trial.trial_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        progress.current().unit_started(trial.trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        progress.current().best(self._best(trials))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trials, trial, "finished" if (trial.last_result or {}).get("run_finished") else "stopped early")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trials, trial, "FAILED")
+
+    def _ended(self, trials, trial, what: str) -> None:
+        shown = progress.current()
+        shown.unit_finished(trial.trial_id, ok=what != "FAILED")
+        shown.best(self._best(trials))
+        last = trial.last_result or {}
+        score = f": val PGD {last[ROBUST_METRIC]:.4f}" if last.get(ROBUST_METRIC) is not None else ""
+        shown.log(f"[{self.prefix}] {self.name(trial)} {what}{score} ({time.time() - self.started:.0f}s)")
+
+    def _best(self, trials) -> str | None:
+        scores = [(t.last_result["objective"], t) for t in trials if t.last_result and "objective" in t.last_result
+                  and not t.last_result.get("diag/collapsed")]
+        if not scores:
+            return None
+        value, trial = max(scores, key=lambda pair: pair[0])
+        return f"{value:.4f} ({self.what(trial)})"
