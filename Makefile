@@ -22,7 +22,7 @@ help:
 	@echo "make test       set up, get Fashion-MNIST, run the tests"
 	@echo "make test-slow  the longer accuracy checks (real training on Fashion-MNIST)"
 	@echo "make test-faults  only the fault-injection tests: killed Ray worker, dead MLflow server, bad checkpoints, full disk"
-	@echo "make test-ui    the browser tests: the HTML report and the MLflow UI on a tiny study (installs Chromium if missing)"
+	@echo "make test-ui    the browser and terminal tests: the HTML report, the MLflow UI and the live display of a tiny study (installs Chromium and tmux if missing)"
 	@echo "make benchmark  every benchmark (defense cost, overhead, scaling, search efficiency) -> benchmarks/RESULTS.md"
 	@echo "make benchmark-gpu  the GPU variant (PreActResNet-18, CIFAR-shaped data) -> benchmarks/RESULTS-gpu.md"
 	@echo "make setup      only create $(VENV) and install the project (uv; INSTALLER=pip for pip), versions from $(LOCK)"
@@ -88,9 +88,11 @@ test-slow: setup data
 test-faults: setup data
 	$(PY) -m pytest -q -m faults
 
-# Headless Chromium opens the HTML report; Debian's package (apt-get, as root) when it is not installed yet.
+# Headless Chromium opens the HTML report and the MLflow UI, tmux runs a study in a terminal; Debian's packages
+# (apt-get, as root) when they are not installed yet.
 test-ui: setup
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	command -v tmux >/dev/null || (apt-get update && apt-get install -y tmux)
 	$(PY) -m pytest -q -m ui
 
 benchmark: setup data

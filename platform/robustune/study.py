@@ -349,8 +349,8 @@ def run_stages(study_dir: Location, log: Callable[[str], None],
 
 def utilization(state: StudyState) -> dict[str, float]:
     """Busy worker-seconds (training epochs of final runs and search trials, and evaluation) over the study's
-    wall time x its slots. An evaluation counts its wall time on the slots it held (one; an evaluation recorded
-    without that ran in the driver while its AutoAttack shards filled every slot)."""
+    wall time x its slots. An evaluation counts its wall time x the workers' shares it held (one; one recorded
+    without them ran in the driver while its AutoAttack shards filled every slot)."""
     from robustune.leaderboard import search_compute
 
     workers = resolve_config(state.study.base).resources.num_workers
@@ -513,12 +513,12 @@ def seed_evaluation(study: Study, seed: int) -> dict[str, Any]:
 
 
 def _evaluate_final_runs(state: StudyState, log: Callable[[str], None], detail: Callable[[str], None]) -> None:
-    """Every final run not evaluated yet, `state.slots` evaluations at once: each is a Ray task holding one slot's
-    share (`_evaluation_resources`), so on a cluster they spread over nodes; it reads the run folder from the
-    study's storage. The driver records each evaluation as it ends and saves the state, so an interrupted study
-    keeps it; `detail` gets the evaluation's own lines then (together), `log` one line. After a failed
-    evaluation no new one starts: those running finish and are kept, then its error is raised (a resumed study
-    retries it)."""
+    """Every final run not evaluated yet, `state.slots` evaluations at once: each is a Ray task holding what one
+    worker of a run holds (`_evaluation_resources`), so on a cluster they spread over nodes; it reads the run
+    folder from the study's storage. The driver records each evaluation as it ends and saves the state, so an
+    interrupted study keeps it; `detail` gets the evaluation's own lines then (together), `log` one line. After
+    a failed evaluation no new one starts: those running finish and are kept, then its error is raised (a
+    resumed study retries it)."""
     import ray
 
     from robustune.cluster import ensure_ray
@@ -571,13 +571,12 @@ def _evaluate_final_runs(state: StudyState, log: Callable[[str], None], detail: 
 
 
 def _evaluation_resources(state: StudyState, record: RunRecord) -> dict[str, Any]:
-    """One study slot's share for an evaluation: the CPUs a final run's workers hold, and one GPU when the runs
-    train on GPUs (an evaluation runs on one device)."""
+    """What an evaluation holds: what one worker of its run holds (its CPUs, and a GPU when the runs train on
+    GPUs), since an evaluation is one process on one device; so it fits on any node that fits a worker."""
     from robustune.cluster import worker_threads
 
     config = resolve_config(state.study.run_config(state.study.entry(record.label), record.seed))
-    return {"num_cpus": worker_threads(config) * config.resources.num_workers,
-            "num_gpus": 1 if config.resources.use_gpu else 0}
+    return {"num_cpus": worker_threads(config), "num_gpus": 1 if config.resources.use_gpu else 0}
 
 
 def evaluation_line(report: dict[str, Any]) -> str:

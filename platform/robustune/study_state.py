@@ -74,7 +74,7 @@ class RunRecord:
     evaluation: dict[str, Any] | None = None  # the protocol's report
     evaluation_file: str | None = None
     evaluation_s: float | None = None  # wall seconds of the evaluation
-    evaluation_slots: int | None = None  # study slots it held (None: recorded before evaluations ran as tasks)
+    evaluation_slots: int | None = None  # workers' shares it held (None: it ran in the driver, on every slot)
     failed: bool = False
 
     @property
