@@ -40,9 +40,9 @@ def terminal_picture(ansi_screen: str, path: Path, folder: Path) -> Path:
     console.print(Text.from_ansi(ansi_screen))
     page = folder / "terminal.html"
     page.write_text(console.export_html(inline_styles=True))
-    chromium(f"--screenshot={path}", "--window-size=1300,480", page.as_uri(), profile=folder / "profile")
+    chromium(f"--screenshot={path}", "--window-size=1300,640", page.as_uri(), profile=folder / "profile")
     with Image.open(path) as image:
-        assert image.format == "PNG" and len(image.convert("RGB").getcolors(maxcolors=1300 * 480)) > 20
+        assert image.format == "PNG" and len(image.convert("RGB").getcolors(maxcolors=1300 * 640)) > 20
     return path
 
 
