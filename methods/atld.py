@@ -40,9 +40,22 @@ Progress: `on_epoch_end` reports `disc_acc_natural` and `disc_acc_perturbed`, D'
 each batch scored before D trains on it. D has learned when both are above 0.5 (a D that always answers
 "natural" scores 1.0 and 0.0).
 
-Known instability (not D's): in 3-epoch runs at lr 0.05 the MSE term often wrecks the classifier whatever D
-does (to a constant function or a NaN loss; seen with the authors' settings at 2 of 3 seeds);
-`train.grad_clip=1` kept it training at every seed tried.
+Gradient clipping (a training default of this defense, `train_defaults`; `--set train.grad_clip=null` turns it
+off). The MSE term is quadratic in the logit gap, and under SGD at the platform's lr 0.05 its gradient steps
+blow up: with a fixed weight of 1 or 5 the loss became NaN or inf within epoch 1, and with the code's gradient
+ratio the MSE grew to hundreds by epoch 3 and the classifier sank towards chance (`benchmarks/defense_table.py
+--methods atld`, 10k images, 3 epochs, test PGD-20 through IMT: 0.207 at seed 0 and 0.147 at seed 1, where
+clean accuracy ended at 0.22). Clipping the classifier's gradient norm at 1 kept it training: 0.317 and 0.350
+(clean 0.465 and 0.574). The authors' CIFAR recipe (WRN, lr 0.1 with decay over hundreds of epochs) does not
+mention clipping; it changes the step length, not the objective.
+
+What clipping does not fix (the method, at this budget): ATLD's training examples are not adversarial to the
+classifier. The LMAE ascends D's "perturbed" score, not the classification loss, and the classifier is more
+accurate on the LMAE inputs than on clean ones: at epoch 3 (accuracy on the training inputs over the last
+quarter of the epoch vs clean training accuracy) 0.66 vs 0.44 with clipping and 0.82 vs 0.62 with the MSE
+term off, where FGSM-RS's training inputs score 0.66 against 0.78 clean. A model trained on inputs that are
+easier than clean ones gains little against loss-maximizing attacks, so ATLD stays well below FGSM-RS's
+PGD-20 accuracy (0.64) here whatever its knobs; the weight-0 variant (no MSE) reached 0.410 through IMT.
 
 IMT (inference with manifold transformation) is a test-time defense: `inference_model` wraps the classifier
 and D in `ManifoldTransformedModel`, whose forward takes one signed step of `imt_step_ratio * eps` that raises
@@ -169,6 +182,7 @@ class ATLD(Defense):
 
     summary = "ATLD: label-free latent-manifold examples vs a logit discriminator, IMT at test time (Qian et al.)"
     progress_metrics = ("disc_acc_natural", "disc_acc_perturbed")  # did D leave chance within the run?
+    train_defaults = {"grad_clip": 1.0}  # the MSE term's SGD steps blow up without it (see the module docstring)
     step_ratio: float = 1.0  # LMAE step in units of eps (code: step = eps, one step)
     random_start: bool = True  # LMAE from x + U(-eps, eps) as in the authors' code; False: from x
     label_smoothing: float = 0.5  # code's ls_factor (paper: "label smoothing rate 0.5")

@@ -483,3 +483,16 @@ def test_search_space_is_valid():
 
     space = load_space("atld")
     assert {"method.step_ratio", "method.label_smoothing", "method.consistency_weight", "train.lr"} <= set(space)
+
+
+def test_atld_clips_gradients_by_default_and_the_config_can_change_or_drop_it():
+    """ATLD's own training default (Defense.train_defaults) fills train.grad_clip only where the config is
+    silent; other defenses are untouched."""
+    from robustune.resolve import load_config
+
+    assert load_config("atld").train.grad_clip == 1.0
+    assert load_config("atld", overrides=["train.grad_clip=5"]).train.grad_clip == 5.0
+    assert load_config("atld", overrides=["train.grad_clip=null"]).train.grad_clip is None
+    assert load_config("fgsm_rs").train.grad_clip is None
+    # the resolved config carries it, so a run folder's config reproduces the run without the defense's help
+    assert load_config("atld").to_dict()["train"]["grad_clip"] == 1.0

@@ -177,6 +177,59 @@ def test_grid_values_are_even_inside_the_range_and_cover_choices():
     assert grid_size(space, 3) == 18 and grid_size(space, 1) == 2
 
 
+def test_space_filling_start_puts_a_point_in_every_quarter_of_every_range():
+    """TPE's start-up design: 4 points, one in each quarter of each knob's range (log scale for loguniform) and
+    one in each quadrant of the pair, whatever the seed; values inside the ranges; the same seed, the same
+    points."""
+    from robustune.search_space import space_filling_points
+
+    space = parse_space({"method.alpha_ratio": {"type": "uniform", "low": 0.5, "high": 2.0},
+                         "train.lr": {"type": "loguniform", "low": 0.01, "high": 0.3}}, "x.yaml", "fgsm_rs")
+    import math
+
+    def quarter(value, low, high, log=False):
+        position = (math.log(value / low) / math.log(high / low)) if log else (value - low) / (high - low)
+        return min(3, int(position * 4))
+
+    for seed in range(20):
+        points = space_filling_points(space, 4, seed)
+        alpha = [quarter(p["method.alpha_ratio"], 0.5, 2.0) for p in points]
+        lr = [quarter(p["train.lr"], 0.01, 0.3, log=True) for p in points]
+        assert sorted(alpha) == [0, 1, 2, 3] and sorted(lr) == [0, 1, 2, 3], (seed, points)
+        assert sorted((a // 2, b // 2) for a, b in zip(alpha, lr)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert all(0.5 <= p["method.alpha_ratio"] <= 2.0 and 0.01 <= p["train.lr"] <= 0.3 for p in points)
+    assert space_filling_points(space, 4, 3) == space_filling_points(space, 4, 3)
+    assert space_filling_points(space, 4, 3) != space_filling_points(space, 4, 4)
+    assert len(space_filling_points(space, 3, 0)) == 3 and space_filling_points(space, 0, 0) == []
+
+
+def test_unit_positions_map_to_every_value_of_int_and_choice_knobs():
+    space = parse_space({"method.steps": {"type": "int", "low": 2, "high": 10, "step": 4},
+                         "train.batch_size": {"type": "choice", "values": [64, 128]}}, "x.yaml", "pgd")
+    steps, batch = space["method.steps"], space["train.batch_size"]
+    assert [steps.from_unit(u) for u in (0.0, 0.34, 0.67, 1.0)] == [2, 6, 10, 10]
+    assert [batch.from_unit(u) for u in (0.0, 0.49, 0.5, 1.0)] == [64, 64, 128, 128]
+
+
+def test_tpe_starts_from_the_defaults_and_the_space_filling_points(tmp_path):
+    """A TPE search's first trials are the defaults, then the seeded space-filling design, in that order."""
+    from robustune.search_space import space_filling_points
+
+    process = search_cli("fgsm_rs", "--samples", "3", "--epochs", "1", "--max-concurrent", "1", "--seed", "7",
+                         "--scheduler", "none", *BASE, cwd=tmp_path)
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output[-3000:]
+    [search_dir] = list((tmp_path / "runs").glob("search-fgsm_rs-*"))
+    rows = sorted(pq.read_table(search_dir / "results.parquet").to_pylist(), key=lambda r: r["trial_index"])
+    tried = [(r["param.method.alpha_ratio"], r["param.train.lr"]) for r in rows]
+    design = space_filling_points(load_space("fgsm_rs"), 2, 7)
+    from robustune.resolve import load_config
+
+    defaults = load_config("fgsm_rs")
+    assert tried[0] == pytest.approx((defaults.method_params["alpha_ratio"], defaults.train.lr))
+    assert tried[1:] == [pytest.approx((p["method.alpha_ratio"], p["train.lr"])) for p in design]
+
+
 def test_grid_search_runs_every_grid_point_once(tmp_path):
     """--searcher grid: the trials are exactly the grid's points (2 x 2), once each, without the defaults, and
     --samples does not cut the grid short."""

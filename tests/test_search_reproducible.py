@@ -106,7 +106,7 @@ def test_a_search_names_what_varies():
 
 
 # ------------------------------------------------------------------------------ two real searches
-# 6 trials, 2 at a time, 2 epochs: the defaults and 3 random startup points, then 2 TPE suggestions; a rung
+# 6 trials, 2 at a time, 2 epochs: the defaults and 4 space-filling start-up points, then 1 TPE suggestion; a rung
 # after epoch 1. On the old searcher (results told as they arrived, ASHA) the defaults trial was stopped at
 # epoch 1 on one run and completed on the other.
 SETTINGS = dict(defense="fgsm_rs", samples=6, max_concurrent=2, epochs=2, seed=5)

@@ -109,6 +109,9 @@ class Defense:
     # defense's row (e.g. a learned part's entropy or accuracy: did it learn within the run?).
     progress_metrics: ClassVar[tuple[str, ...]] = ()
     commands: ClassVar[tuple[DefenseCommand, ...]] = ()  # CLI subcommands the defense contributes
+    # Training settings (fields of `train`) the defense needs to train at all, used wherever the config does
+    # not set them (a config or `--set train.<key>=...` still wins), e.g. ATLD's gradient clipping.
+    train_defaults: ClassVar[dict[str, Any]] = {}
 
     def cost(self) -> Cost:
         raise NotImplementedError

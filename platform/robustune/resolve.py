@@ -11,7 +11,7 @@ from typing import Any
 
 from robustune.config import Config, ConfigError, build_dataclass, merge, raw_config
 from robustune.data import DataError, dataset_info
-from robustune.defense import create_defense
+from robustune.defense import create_defense, defense_class
 from robustune.models import ModelError, check_model_arguments, default_model_for
 
 
@@ -28,6 +28,12 @@ def resolve_config(data: dict[str, Any]) -> Config:
         if not isinstance(value, dict):
             raise ConfigError(f"{section}: expected a name or a mapping with 'name', got {value!r}")
         data[section] = merge(default, value)
+    # The defense's own training settings where the config leaves them unset (a malformed `train` is left for
+    # build_dataclass to name).
+    name = data["method"].get("name")
+    own_train = defense_class(name).train_defaults if isinstance(name, str) else {}
+    if own_train and isinstance(data.get("train", {}), dict):
+        data["train"] = {**own_train, **data.get("train", {})}
     config = build_dataclass(Config, data, "")
 
     try:

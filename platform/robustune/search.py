@@ -1,5 +1,9 @@
 """Search: Ray Tune + Optuna (TPE, seeded) + ASHA over any defense's knobs, tracked in MLflow and Parquet.
 
+TPE starts from the defense's defaults and 4 points of a scrambled Sobol design (one in each quarter of every
+knob's range; `space_filling_points`) before it models anything: at the budgets of a study, a search is
+mostly its start-up points. `--searcher random` stays independent random points, as a baseline.
+
 Each Tune trial is one training run (`robustune.trials`: in the trial's own reused process for one worker,
 a TorchTrainer for several), its own MLflow child run under the search's parent run; every epoch is logged
 and checkpointed, then reported to Tune, so ASHA can stop a hopeless trial after any epoch without losing
@@ -49,7 +53,7 @@ from robustune import progress
 from robustune.config import ConfigError, apply_override, merge
 from robustune.loop import describe_diagnosis, diagnosis
 from robustune.resolve import resolve_config
-from robustune.search_space import Distribution, check_samples_resolve, load_space
+from robustune.search_space import Distribution, check_samples_resolve, load_space, space_filling_points
 from robustune.run import run_id_of
 from robustune.storage import Location, location, output_root, ray_storage, write_parquet
 from robustune.trials import (CLEAN_METRIC, ROBUST_METRIC, TrialOutcomes, TrialPlan, TrialProgress, TrialRun,
@@ -57,6 +61,8 @@ from robustune.trials import (CLEAN_METRIC, ROBUST_METRIC, TrialOutcomes, TrialP
 
 SEARCH_FILE = "search.json"
 RESULTS_FILE = "results.parquet"
+# TPE's start-up points after the defaults: 4 Sobol points put one point in each quarter of every knob's range.
+TPE_SPACE_FILLING_POINTS = 4
 SUMMARY_FILE = "summary.json"  # written when the search ends: best trial, its config, compute
 Objective = Literal["robust", "pareto", "constrained"]
 
@@ -322,13 +328,20 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
     elif settings.searcher == "random":
         sampler = optuna.samplers.RandomSampler(seed=settings.seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=min(4, settings.samples))
+        sampler = None  # below: TPE starts modelling after the start-up points
     # A grid is the grid: the defaults are not added to it.
     defaults = (default_point(settings.defense, space, base)
                 if settings.include_default and settings.searcher != "grid" else None)
+    start_points = [defaults] if defaults else []
+    if sampler is None:
+        # TPE's start-up: the defaults, then a space-filling design instead of independent random points (a
+        # search on a few trials' budget is mostly its start-up; see space_filling_points).
+        start_points += space_filling_points(space, min(TPE_SPACE_FILLING_POINTS, settings.samples - len(start_points)),
+                                             settings.seed)
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(1, len(start_points)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "A new study created" says nothing to a user
     searcher = OptunaSearch(space={k: d.to_optuna() for k, d in space.items()}, metric=metric, mode=mode,
-                            sampler=sampler, points_to_evaluate=[defaults] if defaults else None)
+                            sampler=sampler, points_to_evaluate=start_points or None)
     batch_size = settings.max_concurrent
     scheduler = (BatchedSuccessiveHalving("objective", max_t=epochs, grace_period=min(settings.grace_period, epochs),
                                           reduction_factor=settings.reduction_factor, batch_size=batch_size)

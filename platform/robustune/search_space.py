@@ -55,6 +55,20 @@ class Distribution:
             return od.IntDistribution(self.low, self.high, step=self.step or 1)
         return od.CategoricalDistribution(list(self.values))
 
+    def from_unit(self, u: float) -> Any:
+        """The value at quantile-like position u in [0, 1) of the range: linear for uniform, on the log scale for
+        loguniform, one of the equally likely steps for int and choice (maps a unit-cube design to the space)."""
+        u = min(max(float(u), 0.0), 1.0 - 1e-12)
+        if self.type == "choice":
+            return self.values[int(u * len(self.values))]
+        if self.type == "int":
+            step = self.step or 1
+            count = (int(self.high) - int(self.low)) // step + 1
+            return int(self.low) + step * int(u * count)
+        if self.type == "loguniform":
+            return float(min(self.high, self.low * (self.high / self.low) ** u))
+        return float(min(self.high, self.low + (self.high - self.low) * u))
+
     def grid(self, points: int) -> list[Any]:
         """Evenly spaced values (for grid-search baselines)."""
         if self.type == "choice":
@@ -171,3 +185,19 @@ def check_samples_resolve(space: dict[str, Distribution], base: dict[str, Any]) 
                 resolve_config(apply_override(base, key.split("."), value))
             except ConfigError as error:
                 raise ConfigError(f"search space key {key!r}: the value {value!r} makes an invalid run: {error}") from error
+
+
+def space_filling_points(space: dict[str, Distribution], count: int, seed: int) -> list[dict[str, Any]]:
+    """`count` points spread over the whole space: a scrambled Sobol design (seeded) mapped through each knob's
+    distribution. Why: a search on a few trials' budget is mostly its start-up points, and independent random
+    points often leave a whole end of a range untried (3 random points miss the top quarter of a learning-rate
+    range 42% of the time). The first 4 Sobol points put exactly one point in each quarter of every knob's
+    range and, for 2 knobs, one in each quadrant of the pair."""
+    from scipy.stats import qmc
+
+    if count < 1 or not space:
+        return []
+    keys = list(space)
+    # Sobol needs a power-of-2 count for its balance; take the first `count` of the next power of 2.
+    design = qmc.Sobol(d=len(keys), scramble=True, seed=seed).random(1 << max(0, (count - 1).bit_length()))
+    return [{key: space[key].from_unit(row[i]) for i, key in enumerate(keys)} for row in design[:count]]
