@@ -86,3 +86,12 @@ def test_row_interval_holds_seed_and_point_variation():
     pooled_low, pooled_high = wilson_interval(900, 1500)
     assert low == pytest.approx(pooled_low, abs=0.01) and high == pytest.approx(pooled_high, abs=0.01)
     assert bootstrap_accuracy(spread) == bootstrap_accuracy(spread)  # seeded: the same interval every time
+
+
+def test_a_verdict_says_when_seeds_not_points_keep_it_undecided():
+    """Points that differ under McNemar, but seeds that disagree: no verdict, and the words say why."""
+    comparison = {"difference": -0.11, "low": -0.29, "high": 0.002, "p_value": 5e-14, "points": 999, "seeds": 3}
+    words = verdict(comparison, "A", "B")
+    assert words.startswith("no significant difference") and "seed-to-seed variation keeps 0 inside" in words
+    assert "seed-to-seed" not in verdict({**comparison, "p_value": 0.4}, "A", "B")
+    assert "seed-to-seed" not in verdict({**comparison, "seeds": 1}, "A", "B")

@@ -115,4 +115,9 @@ def verdict(comparison: dict[str, Any], a: str, b: str, what: str = "robust accu
         return f"{a} is better than {b} in {what} ({numbers})"
     if comparison["high"] < 0:
         return f"{a} is worse than {b} in {what} ({numbers})"
-    return f"no significant difference in {what} between {a} and {b} at this budget ({numbers})"
+    words = f"no significant difference in {what} between {a} and {b} at this budget ({numbers})"
+    if comparison["seeds"] > 1 and comparison["p_value"] < 0.05:
+        # McNemar sees the pooled points as independent; the interval also resamples seeds.
+        words += ("; the pooled points alone differ (McNemar), but seed-to-seed variation keeps 0 inside the "
+                  "interval")
+    return words
