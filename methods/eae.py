@@ -118,7 +118,7 @@ class EAE(Defense):
 
     def setup(self, model, ctx) -> None:
         super().setup(model, ctx)
-        if not self.calibrate_gamma:
+        if not self.calibrate_gamma or ctx.restoring:  # restoring: the checkpoint's state holds the calibrated gamma
             return
         if not ctx.warm_started:
             raise ValueError("eae: calibrate_gamma measures gamma on a pretrained model; set train.init_from to a "

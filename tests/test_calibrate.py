@@ -186,6 +186,14 @@ def test_a_run_with_calibrate_gamma_trains_with_the_gamma_of_the_papers_rule(tra
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True), "test")
     assert resumed.defense.gamma == pytest.approx(expected)  # from the checkpoint, not the 3.63 default
 
+    # Loaded for evaluation (init_from dropped, as for every trained model): the gamma comes from the saved
+    # state, without the warm-start model the calibration would need (a study's evaluation once failed here).
+    from robustune.run import load_trained
+
+    final = save_checkpoint({"model": loop.model.state_dict(), "defense": loop.defense.state_dict(),
+                             "config": loop.config.to_dict()}, tmp_path / "eae-final.pt")
+    assert load_trained(final).defense.gamma == pytest.approx(expected)
+
     with pytest.raises(ValueError, match="init_from"):  # the rule needs a pretrained model
         TrainingLoop(load_config("eae", overrides=[*OVERRIDES, "method.calibrate_gamma=true"]), log=lambda _: None)
     with pytest.raises(ValueError, match="validation"):

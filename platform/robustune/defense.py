@@ -62,6 +62,9 @@ class DefenseContext:
     # the run has no validation split.
     validation: tuple[Tensor, Tensor] | None = None
     warm_started: bool = False  # the model starts from train.init_from weights, not from a random init
+    # A checkpoint's defense state is loaded right after setup (a trained model loaded for evaluation): skip
+    # one-time work before training whose result that state holds (EAE's calibrated gamma).
+    restoring: bool = False
 
     def current_learning_rate(self, step: int) -> float:
         if self.learning_rate is None:

@@ -84,9 +84,11 @@ class TrainingSetup:
     steps_per_epoch: int
 
 
-def build_setup(config: Config, rank: int, world_size: int, device: torch.device) -> TrainingSetup:
+def build_setup(config: Config, rank: int, world_size: int, device: torch.device,
+                restoring: bool = False) -> TrainingSetup:
     """Data (loaded once per process), this worker's batches, the model (identical initial weights on every
-    worker; train.init_from loaded), SGD, and the defense set up with the loop's schedule."""
+    worker; train.init_from loaded), SGD, and the defense set up with the loop's schedule. `restoring`: the
+    caller loads a checkpoint's defense state next (DefenseContext.restoring)."""
     train = config.train
     data = config.data
     splits = load_dataset(data.name, data_dir=data.data_dir, val_size=data.val_size,
@@ -113,7 +115,7 @@ def build_setup(config: Config, rank: int, world_size: int, device: torch.device
         rank=rank, world_size=world_size, seed=config.seed,
         learning_rate=lambda step: learning_rate(train, step, total_steps),
         validation=((splits.val.images.float().div(255), splits.val.labels) if splits.val is not None else None),
-        warm_started=bool(train.init_from)))
+        warm_started=bool(train.init_from), restoring=restoring))
     return TrainingSetup(splits, train_loader, model, optimizer, defense, epochs, steps_per_epoch)
 
 

@@ -323,21 +323,19 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
         metric, mode = ["objective", CLEAN_METRIC], ["max", "max"]
     else:
         metric, mode = "objective", "max"
+    # A grid is the grid: the defaults are not added to it.
+    defaults = (default_point(settings.defense, space, base)
+                if settings.include_default and settings.searcher != "grid" else None)
+    start_points = [defaults] if defaults else []
     if settings.searcher == "grid":
         sampler = optuna.samplers.GridSampler(grid_values(space, settings.grid_points), seed=settings.seed)
     elif settings.searcher == "random":
         sampler = optuna.samplers.RandomSampler(seed=settings.seed)
     else:
-        sampler = None  # below: TPE starts modelling after the start-up points
-    # A grid is the grid: the defaults are not added to it.
-    defaults = (default_point(settings.defense, space, base)
-                if settings.include_default and settings.searcher != "grid" else None)
-    start_points = [defaults] if defaults else []
-    if sampler is None:
         # TPE's start-up: the defaults, then a space-filling design instead of independent random points (a
         # search on a few trials' budget is mostly its start-up; see space_filling_points).
-        start_points += space_filling_points(space, min(TPE_SPACE_FILLING_POINTS, settings.samples - len(start_points)),
-                                             settings.seed)
+        design_size = min(TPE_SPACE_FILLING_POINTS, settings.samples - len(start_points))
+        start_points += space_filling_points(space, design_size, settings.seed)
         sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(1, len(start_points)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "A new study created" says nothing to a user
     searcher = OptunaSearch(space={k: d.to_optuna() for k, d in space.items()}, metric=metric, mode=mode,
