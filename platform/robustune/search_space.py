@@ -56,36 +56,36 @@ class Distribution:
         return od.CategoricalDistribution(list(self.values))
 
     def from_unit(self, u: float) -> Any:
-        """The value at quantile-like position u in [0, 1) of the range: linear for uniform, on the log scale for
-        loguniform, one of the equally likely steps for int and choice (maps a unit-cube design to the space)."""
-        u = min(max(float(u), 0.0), 1.0 - 1e-12)
-        if self.type == "choice":
-            return self.values[int(u * len(self.values))]
-        if self.type == "int":
-            step = self.step or 1
-            count = (int(self.high) - int(self.low)) // step + 1
-            return int(self.low) + step * int(u * count)
-        if self.type == "loguniform":
-            return float(min(self.high, self.low * (self.high / self.low) ** u))
-        return float(min(self.high, self.low + (self.high - self.low) * u))
+        """The value at quantile-like position u in [0, 1] of the range: linear for uniform, on the log scale for
+        loguniform, one of the equally likely values for int and choice (maps a unit-cube design to the space)."""
+        u = min(max(float(u), 0.0), 1.0)
+        if self.type in ("choice", "int"):
+            values = self.values if self.type == "choice" else self._int_values()
+            return values[min(int(u * len(values)), len(values) - 1)]
+        return self._between(u)
 
     def grid(self, points: int) -> list[Any]:
         """Evenly spaced values (for grid-search baselines)."""
         if self.type == "choice":
             return list(self.values)
         if self.type == "int":
-            step = self.step or 1
-            values = list(range(int(self.low), int(self.high) + 1, step))
+            values = self._int_values()
             stride = max(1, len(values) // points)
             return values[::stride][:points]
         if points == 1:
             return [(self.low + self.high) / 2]
+        return [self._between(i / (points - 1)) for i in range(points)]
+
+    def _int_values(self) -> list[int]:
+        return list(range(int(self.low), int(self.high) + 1, self.step or 1))
+
+    def _between(self, t: float) -> float:
+        """The point at position t in [0, 1] of a uniform (linear) or loguniform (log scale) range."""
         if self.type == "loguniform":
-            ratio = (self.high / self.low) ** (1 / (points - 1))
-            values = [self.low * ratio ** i for i in range(points)]
+            value = self.low * (self.high / self.low) ** t
         else:
-            values = [self.low + (self.high - self.low) * i / (points - 1) for i in range(points)]
-        return [min(max(v, self.low), self.high) for v in values]  # rounding must not step outside the range
+            value = self.low + (self.high - self.low) * t
+        return float(min(max(value, self.low), self.high))  # rounding must not step outside the range
 
 
 def default_space_path(defense: str) -> Path:
