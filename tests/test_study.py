@@ -308,6 +308,20 @@ def test_study_evaluates_runs_at_once_with_the_numbers_of_one_after_another(tiny
     assert utilization(state)["evaluation_s"] == pytest.approx(sum(r.evaluation_s for r in state.runs.values()))
 
 
+def test_untuned_runs_are_evaluated_while_the_search_runs(tiny_study):
+    """Evaluations do not wait for stage 4: the untuned runs' evaluations start once stage 1 has trained them,
+    before the tuned runs are retrained, and every evaluation is recorded once."""
+    from robustune.study_state import StudyState
+
+    lines = tiny_study["lines"]
+    retraining = next(i for i, line in enumerate(lines) if line.startswith("[study] stage 3/5"))
+    early = [line for line in lines[:retraining] if line.startswith("[study] evaluating ")]
+    assert {line.split(" seed ")[0] for line in early} <= {"[study] evaluating fgsm_rs", "[study] evaluating standard"}
+    assert early, "no evaluation started before stage 3"
+    evaluated = [line for line in lines if re.match(r"^\[study\] .* seed \d+ evaluated: ", line)]
+    assert len(evaluated) == len(set(evaluated)) == len(StudyState.load(tiny_study["dir"]).runs)
+
+
 def test_a_study_interrupted_in_evaluation_keeps_the_evaluations_it_finished(tiny_study):
     """A study stopped with two evaluations to go: --resume evaluates just those two (AutoAttack resumed from
     their saved chunks), with the same numbers."""

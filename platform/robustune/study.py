@@ -27,7 +27,8 @@ How it runs (every stage resumes: `robustune study --resume STUDY_DIR`):
   1. untuned entries, every seed: training runs on Ray Train, several at once through Ray Tune;
   2. each tuned entry: a search on validation data (`robustune.search`), its compute capped by `budget`;
   3. tuned entries, every seed: the best config retrained (same data, same model selection as untuned ones);
-  4. every final run evaluated on the test split by the study's protocol, several at once (a Ray task each);
+  4. every final run evaluated on the test split by the study's protocol, several at once (a Ray task each),
+     each as soon as its run is trained: beside the stages still training, so slots do not idle (`Evaluations`);
   5. the leaderboard (`robustune.leaderboard`): Markdown, CSV, Parquet, two plots, on the study's MLflow run.
 Trials and final runs train on the training split and select their epoch on the validation split; the
 test split is touched only in stage 4.
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from ray.tune import Callback
 
 from robustune import progress
 from robustune.config import ConfigError, EvalConfig, apply_override, build_dataclass, merge
@@ -286,23 +288,28 @@ def run_stages(study_dir: Location, log: Callable[[str], None],
     study = state.study
     uri, parent = state.tracking_uri, state.parent_run_id
     shown = progress.current()
+    global _live_evaluations
+    evaluations = _live_evaluations = Evaluations(state, log, detail or log)
     seeds, slots = len(study.seeds), state.slots
     untuned = [e for e in study.entries if not e.tune]
     tuned = [e for e in study.entries if e.tune]
     # What is still to come after each stage, for the display's estimate of the time left.
     searches = [(int(e.search.get("samples", 8)), "trial", slots) for e in tuned]
-    evaluations = (len(study.entries) * seeds, "evaluation", slots)
+    testing = (len(study.entries) * seeds, "evaluation", slots)
     try:
-        shown.plan([*searches, (len(tuned) * seeds, "run", slots), evaluations])
+        evaluations.poll(force=True)  # a resumed study's trained runs still to evaluate
+        shown.plan([*searches, (len(tuned) * seeds, "run", slots), testing])
         _train_final_runs(state, untuned, {}, log,
                           stage=(1, f"{len(untuned)} untuned defense(s) x {seeds} seed(s)"))
         for index, entry in enumerate(tuned):
-            shown.plan(searches[index + 1:] + [(len(tuned) * seeds, "run", slots), evaluations])
+            evaluations.poll(force=True)
+            shown.plan(searches[index + 1:] + [(len(tuned) * seeds, "run", slots), testing])
             log(f"[study] stage 2/5: search for {entry.label}")
             _search(state, entry, log, stage=(2, 5, f"search for {entry.label} ({index + 1} of {len(tuned)})"))
+        evaluations.poll(force=True)
         lost = {e.label: reason for e in tuned if (reason := no_winner(state.searches[e.label].search_dir))}
         tuned = [e for e in tuned if e.label not in lost]
-        shown.plan([evaluations])
+        shown.plan([testing])
         for label, reason in lost.items():
             log(f"[study] {label} FAILED: its search named no winner ({reason}); not retrained, no leaderboard "
                 "numbers")
@@ -313,7 +320,7 @@ def run_stages(study_dir: Location, log: Callable[[str], None],
         log("[study] stage 4/5: evaluation on the test split")
         shown.stage(4, 5, "evaluation on the test split", units=len(state.runs), kind="evaluation",
                     at_once=slots, done=sum(r.evaluation is not None for r in state.runs.values()))
-        _evaluate_final_runs(state, log, detail or log)
+        evaluations.finish()
         state.wall_s += time.time() - started
         started = time.time()
         usage = utilization(state)
@@ -322,11 +329,13 @@ def run_stages(study_dir: Location, log: Callable[[str], None],
         shown.stage(5, 5, "leaderboard", units=1, kind="leaderboard")
         table = leaderboard.build(study_dir, log=log)
     except BaseException:
+        evaluations.cancel()
         state.wall_s += time.time() - started
         state.save()
         tracking.set_status(uri, parent, "FAILED")
         raise
     finally:
+        _live_evaluations = None
         shown.close()  # the summary below is the last thing printed
     tracking.log_metrics(uri, parent, {"study/utilization": usage["utilization"], "study/wall_s": state.wall_s,
                                        "study/busy_worker_s": usage["busy_s"]}, step=0)
@@ -450,7 +459,8 @@ def run_many(plan: StudyPlan, state: StudyState, log: Callable[[str], None]) -> 
                        run_config=tune.RunConfig(name=f"runs-{time.strftime('%H%M%S')}",
                                                  **ray_storage(state.path / "tune"), verbose=0,
                                                  callbacks=[StudyProgress(plan.labels),
-                                                            TrialOutcomes(plan, state.tracking_uri)],
+                                                            TrialOutcomes(plan, state.tracking_uri),
+                                                            EvaluateWhenTrained()],
                                                  failure_config=tune.FailureConfig(max_failures=tune_failures(config))))
     log(f"[study] {len(plan.runs)} training run(s), {state.slots} at a time: " + ", ".join(plan.labels))
     tuner.fit()
@@ -477,7 +487,8 @@ def _search(state: StudyState, entry: Entry, log: Callable[[str], None], stage: 
         data = _entry_config(state, entry, state.study.seeds[0], {})
         data = merge(data, {"tracking": {"output_dir": str(search_dir.parent), "run_name": search_dir.name}})
         summary = start_search(settings, data, log=log, parent_run_id=state.parent_run_id,
-                               extra_tags={"study_entry": entry.label}, stage=stage)
+                               extra_tags={"study_entry": entry.label}, callbacks=[EvaluateWhenTrained()],
+                               stage=stage)
     best = summary.get("best")
     if not best:  # the entry fails (see the module docstring); the record keeps its search compute
         from robustune import tracking
@@ -512,62 +523,123 @@ def seed_evaluation(study: Study, seed: int) -> dict[str, Any]:
     return settings
 
 
-def _evaluate_final_runs(state: StudyState, log: Callable[[str], None], detail: Callable[[str], None]) -> None:
-    """Every final run not evaluated yet, `state.slots` evaluations at once: each is a Ray task holding what one
-    worker of a run holds (`_evaluation_resources`), so on a cluster they spread over nodes; it reads the run
-    folder from the study's storage. The driver records each evaluation as it ends and saves the state, so an
-    interrupted study keeps it; `detail` gets the evaluation's own lines then (together), `log` one line. After
-    a failed evaluation no new one starts: those running finish and are kept, then its error is raised (a
+# The study's evaluations while its stages run (set by run_stages): Tune pickles its callbacks with its state, so
+# the callback below reaches them through this module rather than holding them.
+_live_evaluations: Evaluations | None = None
+
+
+class Evaluations:
+    """Stage 4: every final run evaluated on the test split, each as soon as its training has ended, beside the
+    stages still training (the untuned runs are evaluated while the searches run, say), so no slot idles while a
+    stage waits for its last run. At most `state.slots` evaluations at once, each a Ray task holding what one
+    worker of a run holds (`_evaluation_resources`), so on a cluster they spread over nodes; Ray gives each a
+    slot as one frees up (Tune keeps a trial's slot for its next trial while it has one, so training goes
+    first). The driver records each evaluation as it ends and saves the state, so an interrupted study keeps
+    it; `detail` gets the evaluation's own lines then (together), `log` one line. After a failed evaluation no
+    new one starts: training goes on, those running finish and are kept, then `finish` raises its error (a
     resumed study retries it)."""
-    import ray
 
-    from robustune.cluster import ensure_ray
-    from robustune.evaluate_run import evaluate_in_task
+    POLL_EVERY_S = 2.0  # how often a training stage's Tune loop looks in on the evaluations
 
-    waiting = [r for r in state.runs.values() if not r.failed and r.evaluation is None]
-    if not waiting:
-        return
-    ensure_ray()
-    protocol = state.study.evaluation.get("protocol", "quick")
-    shown = progress.current()
-    task = ray.remote(evaluate_in_task)
-    running: dict[Any, RunRecord] = {}  # task -> its run
-    failure: Exception | None = None
-    try:
-        while running or (waiting and failure is None):
-            while waiting and failure is None and len(running) < state.slots:
-                record = waiting.pop(0)
-                resources = _evaluation_resources(state, record)
-                running[task.options(**resources).remote(record.run_dir, seed_evaluation(state.study, record.seed),
-                                                         resources["num_cpus"])] = record
-                detail(f"[study] evaluating {record.label} seed {record.seed}")
-                shown.unit_started(f"{record.label} seed {record.seed}")
-            [done], _ = ray.wait(list(running), num_returns=1)
-            record = running.pop(done)
-            name = f"{record.label} seed {record.seed}"
-            try:
-                result = ray.get(done)
-            except Exception as error:  # the task's own exception type (Ray's error subclasses it) or a lost worker
-                failure = failure or error
-                shown.unit_finished(name, ok=False)
-                log(f"[study] {name} evaluation FAILED; no new evaluation starts")
-                continue
-            for line in result["lines"]:
-                detail(line)
-            record.evaluation, record.evaluation_s, record.evaluation_slots = result["report"], result["seconds"], 1
-            record.evaluation_file = str(location(record.run_dir) / f"eval-{protocol}" / "report.json")
-            state.save()
-            shown.unit_finished(name)
-            log(f"[study] {name} evaluated: {evaluation_line(record.evaluation)} ({record.evaluation_s:.0f}s)")
-    except BaseException:
-        for ref in running:  # an interrupted driver leaves no evaluation running
+    def __init__(self, state: StudyState, log: Callable[[str], None], detail: Callable[[str], None]):
+        import ray
+
+        from robustune.evaluate_run import evaluate_in_task
+
+        self.state, self.log, self.detail = state, log, detail
+        self.task = ray.remote(evaluate_in_task)
+        self.running: dict[Any, RunRecord] = {}  # task -> its run
+        self.failure: Exception | None = None
+        self.counted = False  # on the progress display's stage 4 (before it, evaluations only print lines)
+        self.polled = 0.0
+
+    def poll(self, force: bool = False) -> None:
+        """Record the evaluations that ended and start those whose run has finished training, without waiting."""
+        import ray
+
+        if not force and time.time() - self.polled < self.POLL_EVERY_S:
+            return
+        self.polled = time.time()
+        if self.running:
+            done, _ = ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
+            for ref in done:
+                self._record(ref)
+        self._start()
+
+    def finish(self) -> None:
+        """Start every evaluation still to do and wait for all of them; raise the first failure."""
+        import ray
+
+        self.counted = True
+        for record in self.running.values():
+            progress.current().unit_started(f"{record.label} seed {record.seed}")
+        self._start()
+        while self.running:
+            [done], _ = ray.wait(list(self.running), num_returns=1)
+            self._record(done)
+            self._start()
+        if isinstance(self.failure, ray.exceptions.RayTaskError) and self.failure.cause is not None:
+            # The evaluation's own exception, as when it ran in the driver (the CLI reports a ConfigError, say).
+            raise self.failure.cause from self.failure
+        if self.failure is not None:
+            raise self.failure
+
+    def cancel(self) -> None:
+        """An interrupted driver leaves no evaluation running."""
+        import ray
+
+        for ref in self.running:
             ray.cancel(ref, force=True)
-        raise
-    if isinstance(failure, ray.exceptions.RayTaskError) and failure.cause is not None:
-        # The evaluation's own exception, as when it ran in the driver (the CLI reports a ConfigError, say).
-        raise failure.cause from failure
-    if failure is not None:
-        raise failure
+        self.running.clear()
+
+    def _trained(self, record: RunRecord) -> bool:
+        return record.training is not None or (not record.failed and finished_report(record.run_dir) is not None)
+
+    def _start(self) -> None:
+        if self.failure is not None:
+            return
+        busy = {record.key for record in self.running.values()}
+        waiting = [r for r in self.state.runs.values()
+                   if r.evaluation is None and not r.failed and r.key not in busy and self._trained(r)]
+        for record in waiting[:max(self.state.slots - len(self.running), 0)]:
+            resources = _evaluation_resources(self.state, record)
+            ref = self.task.options(**resources).remote(record.run_dir, seed_evaluation(self.state.study, record.seed),
+                                                        resources["num_cpus"])
+            self.running[ref] = record
+            self.detail(f"[study] evaluating {record.label} seed {record.seed}")
+            if self.counted:
+                progress.current().unit_started(f"{record.label} seed {record.seed}")
+
+    def _record(self, ref: Any) -> None:
+        import ray
+
+        record = self.running.pop(ref)
+        name = f"{record.label} seed {record.seed}"
+        try:
+            result = ray.get(ref)
+        except Exception as error:  # the task's own exception type (Ray's error subclasses it) or a lost worker
+            self.failure = self.failure or error
+            if self.counted:
+                progress.current().unit_finished(name, ok=False)
+            self.log(f"[study] {name} evaluation FAILED; no new evaluation starts")
+            return
+        for line in result["lines"]:
+            self.detail(line)
+        record.evaluation, record.evaluation_s, record.evaluation_slots = result["report"], result["seconds"], 1
+        protocol = self.state.study.evaluation.get("protocol", "quick")
+        record.evaluation_file = str(location(record.run_dir) / f"eval-{protocol}" / "report.json")
+        self.state.save()
+        if self.counted:
+            progress.current().unit_finished(name)
+        self.log(f"[study] {name} evaluated: {evaluation_line(record.evaluation)} ({record.evaluation_s:.0f}s)")
+
+
+class EvaluateWhenTrained(Callback):
+    """Lets the study's evaluations start and end while a Tune stage (final runs or a search) trains."""
+
+    def on_step_end(self, iteration, trials, **info):
+        if _live_evaluations is not None:
+            _live_evaluations.poll()
 
 
 def _evaluation_resources(state: StudyState, record: RunRecord) -> dict[str, Any]:
