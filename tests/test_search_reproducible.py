@@ -148,3 +148,20 @@ def test_the_same_search_twice_tunes_the_same_knobs_to_the_same_accuracies(two_s
     assert first["best"]["metrics"] == second["best"]["metrics"]
     assert first["best"]["trial_index"] == second["best"]["trial_index"]
     assert first["nondeterministic"] is None and first["suggestion_batch"] == 2
+
+
+def test_next_best_is_the_best_other_config_that_can_win(tmp_path):
+    """The runner-up a study refits when the winner's refits fall short: the best trial whose knobs differ from the
+    winner's; a repeat of the winner's knobs, a collapsed trial and a failed one are no runner-up."""
+    from robustune.search import RESULTS_FILE, next_best, write_results
+
+    def row(trial_id, index, objective, lr, status="finished", collapsed=False):
+        return {"trial_id": trial_id, "trial_index": index, "status": status, "collapsed": collapsed,
+                "best.objective": objective, "best.val/pgd_acc": objective, "param.train.lr": lr}
+
+    rows = [row("a", 0, 0.50, 0.05), row("b", 1, 0.50, 0.05), row("c", 2, 0.70, 0.3, collapsed=True),
+            row("d", 3, None, 0.2, status="failed"), row("e", 4, 0.41, 0.01), row("f", 5, 0.45, 0.1)]
+    write_results(rows, tmp_path / RESULTS_FILE)
+    assert next_best(tmp_path) == {"trial_id": "f", "params": {"train.lr": 0.1}, "val_pgd_acc": 0.45}
+    write_results(rows[:4], tmp_path / RESULTS_FILE)
+    assert next_best(tmp_path) is None  # only the winner's knobs can win

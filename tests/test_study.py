@@ -364,6 +364,87 @@ def test_evaluate_refuses_an_unknown_source(tmp_path, monkeypatch, capsys):
     assert "neither a run folder, a checkpoint file nor an MLflow run id" in capsys.readouterr().err
 
 
+
+def test_refits_that_fall_short_of_their_trial_get_the_next_best_config_refitted(tiny_study, monkeypatch):
+    """When a tuned entry's refits end far below the trial that chose their config, the search's next-best config
+    is refitted on every seed and the entry keeps the set with the higher mean validation PGD; once decided, it is
+    not redone, and the leaderboard row says what happened and counts the unused runs' compute. The decision is
+    taken again here from the winner's refits, under a threshold nothing meets and one everything meets (the
+    study is put back as it was afterwards: the other tests read it)."""
+    from mlflow import MlflowClient
+
+    from robustune import leaderboard
+    from robustune.run import finished_report, run_id_of
+    from robustune.search import next_best
+    from robustune.study import NEXT_BEST, _refit_next_best_if_short, _search
+    from robustune.study_state import RunRecord, StudyState
+
+    study_file = tiny_study["dir"] / "study.json"
+    saved = study_file.read_bytes()
+    client = MlflowClient(tiny_study["uri"])
+
+    def undecided() -> StudyState:
+        """The study as it was right after stage 3: the winner's refits, nothing decided."""
+        state = StudyState.load(tiny_study["dir"])
+        search = state.searches[entry.label]
+        search.next_best, search.refit_checked = None, False
+        for seed in state.study.seeds:
+            run_dir = state.path / "runs" / f"{entry.slug}-seed{seed}"
+            state.runs[f"{entry.label}|{seed}"] = RunRecord(entry.label, entry.defense, seed, str(run_dir),
+                                                            run_id_of(run_dir), finished_report(run_dir))
+        return state
+
+    entry = StudyState.load(tiny_study["dir"]).study.entry("fgsm (tuned)")
+    winner_dirs = sorted(str(tiny_study["dir"] / "runs" / f"{entry.slug}-seed{seed}") for seed in (0, 1))
+    next_dirs = sorted(str(tiny_study["dir"] / "runs" / f"{entry.slug}-{NEXT_BEST}-seed{seed}") for seed in (0, 1))
+    run_ids = [run_id_of(d) for d in winner_dirs + next_dirs if run_id_of(d)]
+    kinds = {run_id: client.get_run(run_id).data.tags["kind"] for run_id in run_ids}
+    lines: list[str] = []
+    try:
+        state = undecided()
+        runner_up = next_best(state.searches[entry.label].search_dir)
+        assert runner_up is not None and runner_up["params"] != state.searches[entry.label].best_params
+        monkeypatch.setattr(leaderboard, "REFIT_SHORTFALL", 2.0)  # no refit can fall that far short
+        _refit_next_best_if_short(state, entry, lines.append)
+        assert state.searches[entry.label].next_best is None and state.searches[entry.label].refit_checked
+        assert lines == [] and sorted(r.run_dir for r in state.runs_of(entry.label)) == winner_dirs
+
+        monkeypatch.setattr(leaderboard, "REFIT_SHORTFALL", -1.0)  # every refit falls short
+        state = undecided()
+        _refit_next_best_if_short(state, entry, lines.append)
+        decision = state.searches[entry.label].next_best
+        assert decision["trial_id"] == runner_up["trial_id"] and decision["params"] == runner_up["params"]
+        assert any("refitting the next-best config" in line for line in lines)
+        for run_dir in next_dirs:  # trained with the runner-up's knobs
+            config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+            for key, value in runner_up["params"].items():
+                section, name = key.split(".")
+                assert config[section][name] == pytest.approx(value), (run_dir, key)
+        # Kept: the set with the higher mean validation PGD, nothing else.
+        assert decision["kept"] == (decision["refit_val_pgd"] > decision["winner_refit_val_pgd"])
+        kept, unused = (next_dirs, winner_dirs) if decision["kept"] else (winner_dirs, next_dirs)
+        assert sorted(r.run_dir for r in StudyState.load(tiny_study["dir"]).runs_of(entry.label)) == kept
+        assert {client.get_run(run_id_of(d)).data.tags["kind"] for d in unused} == {"study_refit_unused"}
+        assert decision["unused_train_s"] > 0
+
+        lines.clear()  # decided: a resumed study (its searches read back first) keeps the decision
+        state = StudyState.load(tiny_study["dir"])
+        _search(state, entry, lines.append, stage=(2, 5, "search"))
+        _refit_next_best_if_short(state, entry, lines.append)
+        assert lines == [] and state.searches[entry.label].next_best == decision
+        assert sorted(r.run_dir for r in state.runs_of(entry.label)) == kept
+
+        rows, _ = leaderboard.collect_rows(tiny_study["dir"])
+        row = next(r for r in rows if r["defense"] == entry.label)
+        assert "so the next-best config" in row["diagnostics"] and "chosen on validation PGD" in row["diagnostics"]
+        summary = json.loads((Path(state.searches[entry.label].search_dir) / "summary.json").read_text())
+        assert row["search_val_pgd"] == (runner_up["val_pgd_acc"] if decision["kept"] else
+                                         summary["best"]["metrics"]["val_pgd_acc"])
+    finally:
+        study_file.write_bytes(saved)
+        for run_id, kind in kinds.items():
+            client.set_tag(run_id, "kind", kind)
+
 # ------------------------------------------------------------------------------------ ray job submit
 RAY_OR_LIBRARY_LINE = re.compile(
     r"^\(\w+ pid=|repeated \d+x across cluster|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO|WARNING)|"

@@ -106,6 +106,16 @@ def refit_shortfall(refit_val_pgd: float | None, chosen_on: float | None) -> str
             f"{chosen_on:.3f} for the trial that chose the config")
 
 
+def next_best_note(next_best: dict[str, Any], chosen_on: float | None) -> str:
+    """What a row says when its search's winner fell short in the refits and the next-best config was refitted."""
+    knobs = ", ".join(f"{k}={_short(v)}" for k, v in sorted(next_best["params"].items()))
+    score = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
+    return (f"the winner's refits fell short of its trial (validation PGD {score(next_best['winner_refit_val_pgd'])} "
+            f"vs {score(chosen_on)}), so the next-best config ({knobs}) was refitted too "
+            f"({score(next_best['refit_val_pgd'])}); these are the {'next-best' if next_best['kept'] else 'winner'}'s "
+            "runs, chosen on validation PGD")
+
+
 def run_diagnosis(mlflow_client, run_id: str) -> dict[str, list[int]]:
     """A run's training diagnostics (robustune.loop.diagnosis) from its MLflow metric history."""
     from robustune.loop import DIAGNOSTIC_METRICS, diagnosis
@@ -183,7 +193,7 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
         row: dict[str, Any] = {
             "defense": entry.label, "method": entry.defense, "tuned": entry.tune,
             "tuned_knobs": ("none (no winner)" if no_winner else
-                            ", ".join(f"{k}={_short(v)}" for k, v in sorted(search.best_params.items()))
+                            ", ".join(f"{k}={_short(v)}" for k, v in sorted(search.final_params.items()))
                             if search else "defaults"),
             "seeds": len(reports), "failed_runs": failed,
         }
@@ -192,7 +202,11 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
             row[f"{key}_std"] = _mean_spread([r[name] for r in reports if r.get(name) is not None])[1]
         row["val_pgd_mean"] = _mean_spread(validation)[0]
         chosen_on = (summary.get("best") or {}).get("metrics", {}).get("val_pgd_acc")
-        row["search_val_pgd"] = chosen_on  # the winning trial's validation PGD accuracy
+        next_best = search.next_best if search else None
+        if next_best:
+            diagnostics.append(next_best_note(next_best, chosen_on))
+            chosen_on = next_best["val_pgd_acc"] if next_best["kept"] else chosen_on
+        row["search_val_pgd"] = chosen_on  # validation PGD accuracy of the trial that chose the final runs' knobs
         shortfall = refit_shortfall(row["val_pgd_mean"], chosen_on)
         if shortfall:
             diagnostics.append(shortfall)
@@ -200,7 +214,7 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
         row["train_s"] = _mean_spread(train_s)[0]
         row["search_trials"], row["search_s"] = trials, search_s
         row["search_budget_s"] = search.budget_s if search else None
-        row["total_s"] = search_s + sum(train_s)
+        row["total_s"] = search_s + sum(train_s) + (next_best["unused_train_s"] if next_best else 0.0)
         row["overfit_alarms"] = alarms
         row["warnings"] = len(warnings)
         row["warning_text"] = " | ".join(warnings)

@@ -55,7 +55,7 @@ from robustune.loop import describe_diagnosis, diagnosis
 from robustune.resolve import resolve_config
 from robustune.search_space import Distribution, check_samples_resolve, load_space, space_filling_points
 from robustune.run import run_id_of
-from robustune.storage import Location, location, output_root, ray_storage, write_parquet
+from robustune.storage import Location, location, output_root, ray_storage, read_parquet, write_parquet
 from robustune.trials import (CLEAN_METRIC, ROBUST_METRIC, TrialOutcomes, TrialPlan, TrialProgress, TrialRun,
                               first_error_line, trainable, tune_failures)
 
@@ -651,8 +651,8 @@ def summarize(rows: list[dict[str, Any]], settings: SearchSettings, wall_s: floa
     is no candidate, whatever its objective); without one, `no_winner` says why. Equal objectives go to the
     trial suggested first, so the same trials name the same winner on every run."""
     usable = [r for r in rows if r["status"] != "failed" and r["best.objective"] is not None]
-    ok = [r for r in usable if not r.get("collapsed")]
-    best = min(ok, key=lambda r: (-r["best.objective"], suggestion_order(r)), default=None)
+    ranked = candidates(rows)
+    best = ranked[0] if ranked else None
     summary: dict[str, Any] = {
         "defense": settings.defense, "objective": settings.objective, "trials": len(rows),
         "statuses": {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},
@@ -668,13 +668,39 @@ def summarize(rows: list[dict[str, Any]], settings: SearchSettings, wall_s: floa
     if best:
         summary["best"] = {"trial_id": best["trial_id"], "trial_index": best.get("trial_index"),
                            "run_id": best["run_id"],
-                           "params": {k[len("param."):]: v for k, v in best.items() if k.startswith("param.")},
+                           "params": trial_params(best),
                            "metrics": {"val_pgd_acc": best[f"best.{ROBUST_METRIC}"],
                                        "val_clean_acc": best[f"final.{CLEAN_METRIC}"],
                                        "objective": best["best.objective"]}}
     if settings.objective == "pareto":
         summary["pareto_front"] = [r["trial_id"] for r in pareto_front(rows)]
     return summary
+
+
+def candidates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials that can win, best first: neither failed nor collapsed (a model at chance is no candidate,
+    whatever its objective), by objective; equal objectives go to the trial suggested first."""
+    ok = [r for r in rows if r["status"] != "failed" and r["best.objective"] is not None and not r.get("collapsed")]
+    return sorted(ok, key=lambda r: (-r["best.objective"], suggestion_order(r)))
+
+
+def trial_params(row: dict[str, Any]) -> dict[str, Any]:
+    """A results row's knobs, as the search space names them."""
+    return {k[len("param."):]: v for k, v in row.items() if k.startswith("param.")}
+
+
+def next_best(search_dir: str | Location) -> dict[str, Any] | None:
+    """The best trial whose knobs differ from the winner's (its trial id, knobs and validation PGD accuracy), or
+    None when no other config can win."""
+    path = location(search_dir) / RESULTS_FILE
+    if not path.is_file():
+        return None
+    ranked = candidates(read_parquet(path).to_pylist())
+    others = [r for r in ranked[1:] if ranked and trial_params(r) != trial_params(ranked[0])]
+    if not others:
+        return None
+    return {"trial_id": others[0]["trial_id"], "params": trial_params(others[0]),
+            "val_pgd_acc": others[0][f"best.{ROBUST_METRIC}"]}
 
 
 def no_winner_reason(rows: list[dict[str, Any]], usable: list[dict[str, Any]]) -> str:

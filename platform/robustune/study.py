@@ -27,6 +27,8 @@ How it runs (every stage resumes: `robustune study --resume STUDY_DIR`):
   1. untuned entries, every seed: training runs on Ray Train, several at once through Ray Tune;
   2. each tuned entry: a search on validation data (`robustune.search`), its compute capped by `budget`;
   3. tuned entries, every seed: the best config retrained (same data, same model selection as untuned ones);
+     refits far below the trial that chose their config get the next-best config refitted too, and the entry
+     keeps the better of the two on validation (`_refit_next_best_if_short`);
   4. every final run evaluated on the test split by the study's protocol, several at once (a Ray task each),
      each as soon as its run is trained: beside the stages still training, so slots do not idle (`Evaluations`);
   5. the leaderboard (`robustune.leaderboard`): Markdown, CSV, Parquet, two plots, on the study's MLflow run.
@@ -316,6 +318,8 @@ def run_stages(study_dir: Location, log: Callable[[str], None],
         _train_final_runs(state, tuned, {e.label: state.searches[e.label].best_params for e in tuned}, log,
                           stage=(3, f"{len(tuned)} tuned defense(s) retrained with their best config x {seeds} "
                                     "seed(s)"))
+        for entry in tuned:
+            _refit_next_best_if_short(state, entry, log)
         shown.plan([])
         log("[study] stage 4/5: evaluation on the test split")
         shown.stage(4, 5, "evaluation on the test split", units=len(state.runs), kind="evaluation",
@@ -371,8 +375,11 @@ def utilization(state: StudyState) -> dict[str, float]:
             "search_s": search_s, "evaluation_s": evaluation_s}
 
 
-def _final_run_dir(state: StudyState, entry: Entry, seed: int) -> Location:
-    return state.path / "runs" / f"{entry.slug}-seed{seed}"
+NEXT_BEST = "next-best"  # the run folders and MLflow tag of a next-best config's refits
+
+
+def _final_run_dir(state: StudyState, entry: Entry, seed: int, variant: str | None = None) -> Location:
+    return state.path / "runs" / (f"{entry.slug}-{variant}-seed{seed}" if variant else f"{entry.slug}-seed{seed}")
 
 
 def _entry_config(state: StudyState, entry: Entry, seed: int, params: dict[str, Any]) -> dict[str, Any]:
@@ -448,6 +455,88 @@ class StudyProgress(TrialProgress):
         return self.labels[trial.config["index"]]
 
 
+def _refit_next_best_if_short(state: StudyState, entry: Entry, log: Callable[[str], None]) -> None:
+    """A config is judged on its search trials; when its refits end far below the trial that chose it on
+    validation PGD (leaderboard.REFIT_SHORTFALL: the final runs did not reproduce what the search saw, e.g.
+    trials shorter than the final runs, or one lucky seed), the search's next-best config (the best trial with
+    other knobs) is refitted on every seed too, and the entry keeps whichever config's final runs score higher
+    on validation PGD (mean over seeds; the test split plays no part). Once per entry: the decision is saved
+    (SearchRecord.next_best, refit_checked), so a resumed study neither repeats nor forgets it, and the entry's
+    runs are evaluated only after it (no unused run is tested); the unused runs keep their folders and MLflow
+    runs (tag kind=study_refit_unused) and their compute counts in the entry's total."""
+    from robustune import tracking
+    from robustune.leaderboard import refit_shortfall
+    from robustune.search import format_params, next_best, read_summary
+
+    search = state.searches[entry.label]
+    if search.refit_checked:
+        return
+    chosen_on = ((read_summary(search.search_dir) or {}).get("best") or {}).get("metrics", {}).get("val_pgd_acc")
+    winner_runs = sorted(state.runs_of(entry.label), key=lambda r: r.seed)
+    winner_score = _mean_validation_pgd(state, winner_runs)
+    shortfall = refit_shortfall(winner_score, chosen_on)
+    runner_up = next_best(search.search_dir) if shortfall else None
+    if shortfall and runner_up is None:
+        log(f"[study] {entry.label}: {shortfall}; its search has no other config to refit")
+    if runner_up is None:
+        search.refit_checked = True
+        state.save()
+        return
+    log(f"[study] {entry.label}: {shortfall}; refitting the next-best config ({format_params(runner_up['params'])}; "
+        f"its trial {runner_up['trial_id']}: validation PGD {runner_up['val_pgd_acc']:.3f}) on every seed")
+    records, runs, labels = [], [], []
+    for seed in state.study.seeds:
+        run_dir = _final_run_dir(state, entry, seed, NEXT_BEST)
+        records.append(RunRecord(entry.label, entry.defense, seed, str(run_dir)))
+        if finished_report(run_dir) is None:
+            data = _entry_config(state, entry, seed, runner_up["params"])
+            data = merge(data, {"tracking": {"output_dir": str(run_dir.parent), "run_name": run_dir.name}})
+            runs.append(TrialRun(run_dir, data, state.parent_run_id,
+                                 {"kind": "study_run", "study_entry": entry.label, "refit": NEXT_BEST},
+                                 display_name=f"{entry.label} seed {seed} ({NEXT_BEST} config)"))
+            labels.append(f"{entry.label} seed {seed} ({NEXT_BEST} config)")
+    if runs:
+        progress.current().stage(3, 5, f"{entry.label}: next-best config refitted", units=len(records), kind="run",
+                                 at_once=state.slots, done=len(records) - len(runs))
+        run_many(StudyPlan(runs=runs, labels=labels), state, log)
+    for record in records:
+        record.run_id, record.training = run_id_of(record.run_dir), finished_report(record.run_dir)
+        record.failed = record.training is None
+    runner_up_score = _mean_validation_pgd(state, records)
+    kept = runner_up_score is not None and (winner_score is None or runner_up_score > winner_score)
+    unused = winner_runs if kept else records
+    workers = resolve_config(state.study.base).resources.num_workers
+    search.next_best = {**runner_up, "winner_refit_val_pgd": winner_score, "refit_val_pgd": runner_up_score,
+                        "kept": kept, "unused_train_s": sum(r.training["train_seconds"] * workers
+                                                            for r in unused if r.training)}
+    for record in unused:
+        if record.run_id:
+            tracking.set_tag(state.tracking_uri, record.run_id, "kind", "study_refit_unused")
+    if kept:
+        for record in records:
+            state.runs[record.key] = record
+    search.refit_checked = True
+    state.save()
+    log(f"[study] {entry.label}: refits' mean validation PGD: winner {_format_score(winner_score)}, next-best "
+        f"{_format_score(runner_up_score)}; the entry keeps the {'next-best' if kept else 'winner'}'s runs")
+
+
+def _mean_validation_pgd(state: StudyState, records: list[RunRecord]) -> float | None:
+    """Mean validation PGD accuracy, at the epoch each run deployed, of the finished runs among `records`."""
+    from robustune import tracking
+    from robustune.leaderboard import validation_pgd
+
+    client = tracking.client(state.tracking_uri)
+    scores = [validation_pgd(client, r.run_id, r.training.get("selected_epoch")) for r in records
+              if r.training and r.run_id]
+    scores = [score for score in scores if score is not None]
+    return sum(scores) / len(scores) if scores else None
+
+
+def _format_score(score: float | None) -> str:
+    return "none (no finished run)" if score is None else f"{score:.3f}"
+
+
 def run_many(plan: StudyPlan, state: StudyState, log: Callable[[str], None]) -> None:
     """Run independent trainings, `state.slots` at a time, as Ray Tune trials in reused trial actors (a failed
     one does not stop the others; each keeps its own run folder, so an interrupted batch resumes run by run)."""
@@ -497,9 +586,12 @@ def _search(state: StudyState, entry: Entry, log: Callable[[str], None], stage: 
             f"{search_dir}/results.parquet")
         tracking.set_tag(state.tracking_uri, state.parent_run_id, f"no_winner/{entry.slug}",
                          str(summary.get("no_winner"))[:5000])
+    previous = state.searches.get(entry.label)  # a resumed study keeps what it decided after the refits
     state.searches[entry.label] = SearchRecord(search_dir=str(search_dir), parent_run_id=summary["parent_run_id"],
                                                best_params=best["params"] if best else {},
-                                               budget_s=summary.get("budget_s"), trials=summary["trials"])
+                                               budget_s=summary.get("budget_s"), trials=summary["trials"],
+                                               next_best=previous.next_best if previous else None,
+                                               refit_checked=previous.refit_checked if previous else False)
     state.save()
 
 
@@ -529,10 +621,11 @@ _live_evaluations: Evaluations | None = None
 
 
 class Evaluations:
-    """Stage 4: every final run evaluated on the test split, each as soon as its training has ended, beside the
-    stages still training (the untuned runs are evaluated while the searches run, say), so no slot idles while a
-    stage waits for its last run. At most `state.slots` evaluations at once, each a Ray task holding what one
-    worker of a run holds (`_evaluation_resources`), so on a cluster they spread over nodes; Ray gives each a
+    """Stage 4: every final run evaluated on the test split, each as soon as its training has ended (a tuned
+    entry's once its refits were compared with their trial), beside the stages still training (the untuned runs
+    are evaluated while the searches run, say), so no slot idles while a stage waits for its last run. At most
+    `state.slots` evaluations at once, each a Ray task holding what one worker of a run holds
+    (`_evaluation_resources`), so on a cluster they spread over nodes; Ray gives each a
     slot as one frees up (Tune keeps a trial's slot for its next trial while it has one, so training goes
     first). The driver records each evaluation as it ends and saves the state, so an interrupted study keeps
     it; `detail` gets the evaluation's own lines then (together), `log` one line. After a failed evaluation no
@@ -592,6 +685,11 @@ class Evaluations:
             ray.cancel(ref, force=True)
         self.running.clear()
 
+    def _settled(self, record: RunRecord) -> bool:
+        """A tuned entry's runs are final once compared with their trial (`_refit_next_best_if_short`)."""
+        search = self.state.searches.get(record.label)
+        return search is None or search.refit_checked
+
     def _trained(self, record: RunRecord) -> bool:
         return record.training is not None or (not record.failed and finished_report(record.run_dir) is not None)
 
@@ -599,8 +697,8 @@ class Evaluations:
         if self.failure is not None:
             return
         busy = {record.key for record in self.running.values()}
-        waiting = [r for r in self.state.runs.values()
-                   if r.evaluation is None and not r.failed and r.key not in busy and self._trained(r)]
+        waiting = [r for r in self.state.runs.values() if r.evaluation is None and not r.failed
+                   and r.key not in busy and self._settled(r) and self._trained(r)]
         for record in waiting[:max(self.state.slots - len(self.running), 0)]:
             resources = _evaluation_resources(self.state, record)
             ref = self.task.options(**resources).remote(record.run_dir, seed_evaluation(self.state.study, record.seed),

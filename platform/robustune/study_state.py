@@ -89,6 +89,16 @@ class SearchRecord:
     best_params: dict[str, Any]
     budget_s: float | None
     trials: int
+    # When the winner's refits fell short of its trial, the next-best config was refitted too (study.py,
+    # `_refit_next_best_if_short`): its trial id, knobs and trial's validation PGD, both refits' mean validation
+    # PGD, which one the entry kept, and the other one's training compute (worker-seconds, still spent).
+    next_best: dict[str, Any] | None = None
+    refit_checked: bool = False  # the refits were compared with their trial (the final runs are settled)
+
+    @property
+    def final_params(self) -> dict[str, Any]:
+        """The knobs of the entry's final runs: the winner's, or the next-best's when its refits did better."""
+        return self.next_best["params"] if self.next_best and self.next_best["kept"] else self.best_params
 
 
 @dataclass
