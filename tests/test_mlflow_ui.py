@@ -183,12 +183,15 @@ def readable_names(served_study) -> dict[str, str]:
             expected[run_id] = "study tiny"
         elif kind == "search":
             expected[run_id] = "fgsm search"
-        elif kind == "study_run":
-            expected[run_id] = f"{run_tags['study_entry']} seed {run_tags['seed']}"
+        elif kind in ("study_run", "study_refit_unused"):  # a final run, or a refit its entry did not keep
+            expected[run_id] = (f"{run_tags['study_entry']} seed {run_tags['seed']}"
+                                + (" (next-best config)" if run_tags.get("refit") == "next-best" else "")
+                                + (" (unused refit)" if kind == "study_refit_unused" else ""))
         else:  # a search trial
             expected[run_id] = f"fgsm trial {index[run_tags['search_trial_id']]}"
     assert names == expected
-    assert sorted(v for v in names.values() if "seed" in v) == sorted(
+    finals = [names[run_id] for run_id, run_tags in tags.items() if run_tags.get("kind") == "study_run"]
+    assert sorted(name.replace(" (next-best config)", "") for name in finals) == sorted(
         f"{label} seed {seed}" for label in ("fgsm_rs", "fgsm (tuned)", "standard") for seed in (0, 1))
     assert sorted(v for v in names.values() if "trial" in v) == [f"fgsm trial {k}" for k in range(1, len(index) + 1)]
     return names

@@ -399,6 +399,7 @@ def test_refits_that_fall_short_of_their_trial_get_the_next_best_config_refitted
     next_dirs = sorted(str(tiny_study["dir"] / "runs" / f"{entry.slug}-{NEXT_BEST}-seed{seed}") for seed in (0, 1))
     run_ids = [run_id_of(d) for d in winner_dirs + next_dirs if run_id_of(d)]
     kinds = {run_id: client.get_run(run_id).data.tags["kind"] for run_id in run_ids}
+    names = {run_id: client.get_run(run_id).info.run_name for run_id in run_ids}
     lines: list[str] = []
     try:
         state = undecided()
@@ -425,6 +426,7 @@ def test_refits_that_fall_short_of_their_trial_get_the_next_best_config_refitted
         kept, unused = (next_dirs, winner_dirs) if decision["kept"] else (winner_dirs, next_dirs)
         assert sorted(r.run_dir for r in StudyState.load(tiny_study["dir"]).runs_of(entry.label)) == kept
         assert {client.get_run(run_id_of(d)).data.tags["kind"] for d in unused} == {"study_refit_unused"}
+        assert all(client.get_run(run_id_of(d)).info.run_name.endswith(" (unused refit)") for d in unused)
         assert decision["unused_train_s"] > 0
 
         lines.clear()  # decided: a resumed study (its searches read back first) keeps the decision
@@ -444,6 +446,7 @@ def test_refits_that_fall_short_of_their_trial_get_the_next_best_config_refitted
         study_file.write_bytes(saved)
         for run_id, kind in kinds.items():
             client.set_tag(run_id, "kind", kind)
+            client.set_tag(run_id, "mlflow.runName", names[run_id])
 
 # ------------------------------------------------------------------------------------ ray job submit
 RAY_OR_LIBRARY_LINE = re.compile(

@@ -376,6 +376,7 @@ def utilization(state: StudyState) -> dict[str, float]:
 
 
 NEXT_BEST = "next-best"  # the run folders and MLflow tag of a next-best config's refits
+UNUSED_REFIT = "study_refit_unused"  # MLflow `kind` of the refits an entry did not keep
 
 
 def _final_run_dir(state: StudyState, entry: Entry, seed: int, variant: str | None = None) -> Location:
@@ -463,7 +464,8 @@ def _refit_next_best_if_short(state: StudyState, entry: Entry, log: Callable[[st
     on validation PGD (mean over seeds; the test split plays no part). Once per entry: the decision is saved
     (SearchRecord.next_best, refit_checked), so a resumed study neither repeats nor forgets it, and the entry's
     runs are evaluated only after it (no unused run is tested); the unused runs keep their folders and MLflow
-    runs (tag kind=study_refit_unused) and their compute counts in the entry's total."""
+    runs (tag kind=study_refit_unused, named "... (unused refit)") and their compute counts in the entry's
+    total."""
     from robustune import tracking
     from robustune.leaderboard import refit_shortfall
     from robustune.search import format_params, next_best, read_summary
@@ -509,9 +511,11 @@ def _refit_next_best_if_short(state: StudyState, entry: Entry, log: Callable[[st
     search.next_best = {**runner_up, "winner_refit_val_pgd": winner_score, "refit_val_pgd": runner_up_score,
                         "kept": kept, "unused_train_s": sum(r.training["train_seconds"] * workers
                                                             for r in unused if r.training)}
-    for record in unused:
+    for record in unused:  # in the MLflow UI: not a final run, and named so
         if record.run_id:
-            tracking.set_tag(state.tracking_uri, record.run_id, "kind", "study_refit_unused")
+            tracking.set_tag(state.tracking_uri, record.run_id, "kind", UNUSED_REFIT)
+            name = tracking.client(state.tracking_uri).get_run(record.run_id).info.run_name
+            tracking.set_tag(state.tracking_uri, record.run_id, "mlflow.runName", f"{name} (unused refit)")
     if kept:
         for record in records:
             state.runs[record.key] = record
