@@ -8,6 +8,8 @@ from robustune.resolve import load_config
 from robustune.defense import StepResult
 from robustune.loop import NonFiniteLossError, TrainingLoop, learning_rate
 
+from conftest import fashion_mnist_dir
+
 SYNTHETIC = ["data.name=synthetic", "data.val_size=500", "validation.examples=200", "train.batch_size=64"]
 
 
@@ -60,12 +62,59 @@ def test_overfit_alarm_and_early_stop_keep_best_weights():
     loop = make_loop("standard", "train.epochs=5", "train.early_stop_on_overfit=true")
     loop.run_epoch()
     best = {k: v.clone() for k, v in loop.model.state_dict().items()}
-    # Simulate a collapse: the validation PGD accuracy falls far below its best.
-    loop.selection.best_alarm_metric = 1.0
+    # Simulate a collapse: the watched accuracy falls far below its best (no accuracy is within the drop of it).
+    loop.selection.best_alarm_metric = 1.0 + loop.config.train.overfit_drop + 0.01
     loop.selection.best_weights = best
     metrics = loop.run_epoch()
     assert metrics["alarm/overfit"] == 1.0 and loop.stop_reason == "overfit" and loop.finished
     assert all(torch.equal(best[k], v) for k, v in loop.final_weights().items())
+
+
+def test_kept_epoch_follows_the_select_metric_and_standard_training_selects_on_clean_accuracy():
+    from torch import nn
+
+    from robustune.loop import ModelSelection
+
+    # Epoch 1 is the more robust one, epoch 2 the more accurate one (a short standard run looks like this).
+    epochs = [{"val/clean_acc": 0.44, "val/pgd_acc": 0.27}, {"val/clean_acc": 0.75, "val/pgd_acc": 0.20}]
+    model = nn.Linear(2, 2)
+    kept = {}
+    for metric in ("val/pgd_acc", "val/clean_acc"):
+        selection = ModelSelection(TrainConfig(select_metric=metric), has_validation=True)
+        for epoch, metrics in enumerate(epochs, start=1):
+            with torch.no_grad():
+                model.weight.fill_(epoch)  # which epoch's weights were kept
+            selection.observe(epoch, metrics, model)
+        kept[metric] = (selection.best_epoch, selection.best_score, selection.best_weights["weight"][0, 0].item())
+    assert kept == {"val/pgd_acc": (1, 0.27, 1.0), "val/clean_acc": (2, 0.75, 2.0)}
+
+    # Standard training is the clean reference: its own default; a defense keeps validation PGD; a user setting wins.
+    assert load_config("standard").train.select_metric == "val/clean_acc"
+    assert load_config("standard").train.overfit_metric == "val/clean_acc"
+    assert load_config("pgd").train.select_metric == "val/pgd_acc"
+    assert load_config("standard", overrides=["train.select_metric=val/pgd_acc"]).train.select_metric == "val/pgd_acc"
+    with pytest.raises(Exception, match="select_metric"):
+        load_config("pgd", overrides=["train.select_metric=val/loss"])
+
+    # A checkpoint written before select_metric existed (its best score under "val_pgd_acc") still resumes.
+    selection = ModelSelection(TrainConfig(), has_validation=True)
+    selection.load_state_dict({"epoch": 2, "val_pgd_acc": 0.4, "model": None, "alarm_metric": 0.4}, "completed")
+    assert (selection.best_epoch, selection.best_score) == (2, 0.4)
+
+
+def test_standard_training_keeps_its_most_accurate_epoch_not_its_most_robust():
+    # Real data, the default study's size: standard training's validation PGD accuracy peaks early (an
+    # undertrained model), its clean accuracy late, so the two rules keep different epochs.
+    overrides = ["data.name=fashion-mnist", f"data.data_dir={fashion_mnist_dir()}", "data.train_subset=3000",
+                 "data.val_size=1000", "validation.examples=500", "epsilon=0.1", "train.epochs=3"]
+    kept = {}
+    for metric in ("val/clean_acc", "val/pgd_acc"):
+        loop = TrainingLoop(load_config("standard", overrides=[*overrides, f"train.select_metric={metric}"]),
+                            log=lambda _: None)
+        scores = [loop.run_epoch()[metric] for _ in range(3)]
+        assert loop.selected_epoch == 1 + scores.index(max(scores))
+        kept[metric] = loop.selected_epoch
+    assert kept["val/clean_acc"] != kept["val/pgd_acc"]
 
 
 def test_non_finite_loss_fails_cleanly():

@@ -157,7 +157,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     grad_clip: Optional[float] = None  # max global gradient norm; None = off
     init_from: Optional[str] = None  # warm start: model weights from a robustune checkpoint file or run folder
-    keep_best: bool = True  # final weights = the epoch with the best validation PGD accuracy
+    keep_best: bool = True  # final weights = the epoch with the best select_metric
+    # The validation metric that picks the kept epoch: robustness for a defense; standard training (the
+    # clean-accuracy reference) sets val/clean_acc in its train_defaults.
+    select_metric: Literal["val/pgd_acc", "val/clean_acc"] = "val/pgd_acc"
     early_stop_on_overfit: bool = False  # stop when the overfitting alarm fires (weights of the best epoch kept)
     overfit_drop: float = 0.2  # alarm when the overfit metric falls this much below its best so far
     overfit_metric: str = "val/pgd_acc"  # any per-epoch metric, e.g. a defense's own robustness estimate

@@ -138,13 +138,14 @@ def load_weights(model: nn.Module, weights: dict[str, Tensor], source: Any, mode
 # ------------------------------------------------------------------------------------ model selection
 @dataclass
 class ModelSelection:
-    """The best validation epoch (its weights when train.keep_best) and the catastrophic-overfitting alarm:
-    the watched metric (validation PGD accuracy by default) falls sharply below the best seen so far."""
+    """The best validation epoch by `train.select_metric` (its weights when train.keep_best) and the
+    catastrophic-overfitting alarm: the watched metric (validation PGD accuracy by default) falls sharply below
+    the best seen so far."""
 
     train: TrainConfig
     has_validation: bool
     best_epoch: int = 0
-    best_val_pgd: float = -1.0
+    best_score: float = -1.0  # the best epoch's select_metric
     best_alarm_metric: float = float("-inf")
     best_weights: dict[str, Tensor] | None = None
     stop_reason: str = "completed"
@@ -158,9 +159,9 @@ class ModelSelection:
                               f"available: {', '.join(sorted(metrics))}")
         alarm = watched in metrics and metrics[watched] < self.best_alarm_metric - self.train.overfit_drop
         self.best_alarm_metric = max(self.best_alarm_metric, metrics.get(watched, float("-inf")))
-        val_pgd = metrics.get("val/pgd_acc", -1.0)
-        if self.has_validation and val_pgd > self.best_val_pgd:
-            self.best_epoch, self.best_val_pgd = epoch, val_pgd
+        score = metrics.get(self.train.select_metric, -1.0)
+        if self.has_validation and score > self.best_score:
+            self.best_epoch, self.best_score = epoch, score
             if self.train.keep_best:
                 self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if alarm and self.train.early_stop_on_overfit:
@@ -172,11 +173,12 @@ class ModelSelection:
         return self.best_weights is not None and (self.train.keep_best or self.stop_reason == "overfit")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.best_epoch, "val_pgd_acc": self.best_val_pgd, "model": self.best_weights,
+        return {"epoch": self.best_epoch, "score": self.best_score, "model": self.best_weights,
                 "alarm_metric": self.best_alarm_metric}
 
     def load_state_dict(self, best: dict[str, Any], stop_reason: str) -> None:
-        self.best_epoch, self.best_val_pgd = best["epoch"], best["val_pgd_acc"]
+        # "val_pgd_acc": checkpoints written before select_metric existed (always validation PGD then)
+        self.best_epoch, self.best_score = best["epoch"], best.get("score", best.get("val_pgd_acc"))
         self.best_weights, self.best_alarm_metric = best["model"], best["alarm_metric"]
         self.stop_reason = stop_reason
 
