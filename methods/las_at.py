@@ -68,7 +68,8 @@ paper's equation: `reward: per_sample`, `reward_baseline: none`.
     the signal adds up as 0.27 U and the noise as sqrt(U) (in units of one update's noise), 2.3 : 1 at
     U = 72. A random walk lowers the entropy too, so whether the policy learned is judged against a
     control (the same run with the advantages shuffled), not by its entropy alone.
-  Default-study size (T = 72): k = 1, 72 updates, lr 8/72 = 0.111. Measured there (the real loop, seeds
+  At T = 72 (the default study's size before it moved to batches of 64, where T = 141: k = 2, 70 updates, lr
+  8/70 = 0.114): k = 1, 72 updates, lr 8/72 = 0.111. Measured there (the real loop, seeds
   0, 1, 2, 3; epoch 1 -> epoch 3): the joint entropy (max 6.66) fell 6.65 -> 4.91, 6.65 -> 6.13,
   6.60 -> 5.89, 6.64 -> 5.06, and three of the four policies moved to larger radii (mean radius 1.40, 1.31,
   1.44 eps at epoch 3, uniform 1.125; seed 2: 1.17). The control, the same advantages shuffled across each
@@ -248,7 +249,7 @@ class LASAT(Defense):
     # Strategy-net updates (REINFORCE).
     # sized_to_run: interval and lr from the run's length (module docstring); paper: update_every, policy_lr.
     policy_schedule: Literal["sized_to_run", "paper"] = "sized_to_run"
-    policy_updates_per_run: int = 64  # sized_to_run: target update count (default study: 72 batches -> k=1)
+    policy_updates_per_run: int = 64  # sized_to_run: target update count (default study: 141 batches -> k=2)
     policy_travel: float = 8.0  # sized_to_run: lr x updates (each update's gradient scaled to norm 1)
     update_every: int = 20  # paper's k (Table 1: k=20 for PGD-AT); sized_to_run: the sparsest interval
     alpha: float = 1.0  # weight of L2 (look-ahead robustness); code --b 1
