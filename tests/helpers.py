@@ -92,13 +92,29 @@ def assert_trials_tracked_as_they_ended(client, rows) -> None:
 
 def run_study_in_process(study, uri: str) -> dict:
     """Start `study` in this process (a real local Ray); what a study test reads of it: its folder, MLflow URI,
-    the log lines and the seconds it took. The caller shuts Ray down when done."""
+    the log lines, the seconds it took and what its progress display was told runs beside each stage
+    (`beside`: (stage number, kind, how many)). The caller shuts Ray down when done."""
+    from robustune import progress
     from robustune.study import start_study
 
+    class Recorder(progress.Progress):
+        def __init__(self):
+            super().__init__("study", live=False)
+            self.seen: list[tuple[int | None, str, int]] = []
+
+        def beside(self, kind: str, running: int) -> None:
+            super().beside(kind, running)
+            self.seen.append((self.stage_now.number if self.stage_now else None, kind, running))
+
     lines: list[str] = []
+    recorder = Recorder()
+    previous, progress._current = progress._current, recorder  # what the CLI's `progress.showing` does
     started = time.time()
-    study_dir = start_study(study, log=lines.append)
-    return {"dir": study_dir, "uri": uri, "lines": lines, "seconds": time.time() - started}
+    try:
+        study_dir = start_study(study, log=lines.append)
+    finally:
+        progress._current = previous
+    return {"dir": study_dir, "uri": uri, "lines": lines, "seconds": time.time() - started, "beside": recorder.seen}
 
 
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:

@@ -38,6 +38,23 @@ def test_status_line_has_stage_counts_best_and_time():
     assert "elapsed" in line and "left" in line
 
 
+def test_work_beside_the_stage_is_shown_while_it_runs_and_gone_after():
+    terminal = FakeTerminal()
+    shown = Progress("study", stream=terminal)
+    shown.start()
+    shown.stage(2, 5, "search for pgd", units=12, kind="trial", at_once=2)
+    shown.beside("evaluation", 2)  # both slots evaluate earlier runs: the search is not stalled
+    assert "0/12 trials done, 0 running, 12 queued; 2 evaluations running beside it;" in shown.status_line()
+    shown.refresh()
+    shown.beside("evaluation", 1)
+    assert "; 1 evaluation running beside it;" in shown.status_line()
+    shown.beside("evaluation", 0)
+    assert "beside" not in shown.status_line()
+    shown.close()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal.getvalue())
+    assert "2 evaluations running beside it" in " ".join(text.split())  # the live display too (wrapped at 80)
+
+
 def test_time_left_counts_queued_units_and_later_stages_over_what_runs_at_once():
     shown = Progress("study", stream=io.StringIO(), live=False)
     shown.stage(1, 5, "runs", units=6, kind="run", at_once=2)

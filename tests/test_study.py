@@ -320,6 +320,11 @@ def test_untuned_runs_are_evaluated_while_the_search_runs(tiny_study):
     assert early, "no evaluation started before stage 3"
     evaluated = [line for line in lines if re.match(r"^\[study\] .* seed \d+ evaluated: ", line)]
     assert len(evaluated) == len(set(evaluated)) == len(StudyState.load(tiny_study["dir"]).runs)
+    # The progress display says so: evaluations running beside a training stage, none beside stage 4 (there
+    # they are the stage's own units).
+    beside = tiny_study["beside"]
+    assert any(stage is not None and stage < 4 and kind == "evaluation" and n > 0 for stage, kind, n in beside)
+    assert all(n == 0 for stage, _, n in beside if stage is not None and stage >= 4) and beside[-1][2] == 0
 
 
 def test_a_study_interrupted_in_evaluation_keeps_the_evaluations_it_finished(tiny_study):

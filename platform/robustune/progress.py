@@ -1,7 +1,8 @@
 """Where a study or search stands, shown one way to a person at a terminal and another way to a log.
 
 On a terminal: one live display (rich) below the event lines: the stage (k of n), the stage's runs, trials or
-evaluations done / running / queued, the best objective so far, elapsed time and the estimated time left.
+evaluations done / running / queued, work running beside the stage (a study's evaluations of runs trained in
+an earlier stage, which hold slots too), the best objective so far, elapsed time and the estimated time left.
 Anywhere else (CI, `ray job submit` logs, a file): the same facts as one plain `[progress]` line at a steady
 rate (`ROBUSTUNE_PROGRESS_S`, default 30 s), no escape codes. Event lines (a run finished, a stage started)
 are printed as they happen, in both cases through `Progress.log`.
@@ -72,6 +73,7 @@ class Progress:
         self.later: list[tuple[int, str, int]] = []  # (units, kind, at once) of the stages still to come
         self.durations: dict[str, list[float]] = {}
         self.best_text: str | None = None
+        self.alongside: dict[str, int] = {}  # kind -> units running beside the current stage
         self.lock = threading.RLock()
         self._closed = threading.Event()
         self._display = None
@@ -119,6 +121,17 @@ class Progress:
                 self.stage_now.units = units
         self.refresh()
 
+    def beside(self, kind: str, running: int) -> None:
+        """`running` units of `kind` run beside the current stage (not its own units): shown, so that a stage
+        whose slots they hold does not look stalled."""
+        with self.lock:
+            self.alongside[kind] = running
+        self.refresh()
+
+    def _beside_text(self) -> str:
+        return ", ".join(f"{n} {kind}{'s' if n > 1 else ''} running beside it"
+                         for kind, n in self.alongside.items() if n > 0)
+
     def best(self, text: str | None) -> None:
         with self.lock:
             self.best_text = text
@@ -164,6 +177,9 @@ class Progress:
                 return f"[progress] {self.title}: starting; {elapsed} elapsed"
             counts = (f"{stage.done}/{stage.units} {stage.kind}s done, {len(stage.running)} running, "
                       f"{stage.queued} queued" + (f", {stage.failed} failed" if stage.failed else ""))
+            beside = self._beside_text()
+            if beside:
+                counts += f"; {beside}"
             left = self.time_left()
             return (f"[progress] {self.title} stage {stage.number}/{stage.of} {stage.name}: {counts}; "
                     f"best {self.best_text or '-'}; {elapsed} elapsed, "
@@ -220,10 +236,12 @@ class Progress:
                 return Text(f"{self.title}: starting · {timing}", style="bold")
             head = Text.assemble((f"{self.title} ", "bold"), (f"stage {stage.number}/{stage.of} ", "cyan"),
                                  (stage.name, "bold"))
+            beside = self._beside_text()
             row = Table.grid(padding=(0, 1))
             row.add_row(ProgressBar(total=max(stage.units, 1), completed=stage.done + stage.failed, width=30),
                         Text(f"{stage.done}/{stage.units} {stage.kind}s done · {len(stage.running)} running · "
-                             f"{stage.queued} queued" + (f" · {stage.failed} failed" if stage.failed else "")))
+                             f"{stage.queued} queued" + (f" · {stage.failed} failed" if stage.failed else "")
+                             + (f" · {beside}" if beside else "")))
             best = Text(f"best {self.best_text}" if self.best_text else "best -", style="green")
             return Group(head, row, best, Text(timing, style="dim"))
 

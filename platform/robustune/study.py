@@ -662,12 +662,14 @@ class Evaluations:
             for ref in done:
                 self._record(ref)
         self._start()
+        self._show_beside()
 
     def finish(self) -> None:
         """Start every evaluation still to do and wait for all of them; raise the first failure."""
         import ray
 
         self.counted = True
+        progress.current().beside("evaluation", 0)  # from here they are the stage's own units
         for record in self.running.values():
             progress.current().unit_started(f"{record.label} seed {record.seed}")
         self._start()
@@ -688,6 +690,7 @@ class Evaluations:
         for ref in self.running:
             ray.cancel(ref, force=True)
         self.running.clear()
+        self._show_beside()
 
     def _settled(self, record: RunRecord) -> bool:
         """A tuned entry's runs are final once compared with their trial (`_refit_next_best_if_short`)."""
@@ -711,6 +714,11 @@ class Evaluations:
             self.detail(f"[study] evaluating {record.label} seed {record.seed}")
             if self.counted:
                 progress.current().unit_started(f"{record.label} seed {record.seed}")
+
+    def _show_beside(self) -> None:
+        """Before stage 4 the evaluations run beside a training stage, in slots its count does not show."""
+        if not self.counted:
+            progress.current().beside("evaluation", len(self.running))
 
     def _record(self, ref: Any) -> None:
         import ray
