@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from robustune.config import TrainConfig
+from robustune.config import ConfigError, TrainConfig
 from robustune.resolve import load_config
 from robustune.defense import StepResult
 from robustune.loop import NonFiniteLossError, TrainingLoop, learning_rate
@@ -93,7 +93,7 @@ def test_kept_epoch_follows_the_select_metric_and_standard_training_selects_on_c
     assert load_config("standard").train.overfit_metric == "val/clean_acc"
     assert load_config("pgd").train.select_metric == "val/pgd_acc"
     assert load_config("standard", overrides=["train.select_metric=val/pgd_acc"]).train.select_metric == "val/pgd_acc"
-    with pytest.raises(Exception, match="select_metric"):
+    with pytest.raises(ConfigError, match="select_metric"):
         load_config("pgd", overrides=["train.select_metric=val/loss"])
 
     # A checkpoint written before select_metric existed (its best score under "val_pgd_acc") still resumes.
