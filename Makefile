@@ -29,18 +29,22 @@ help:
 	@echo "make lock       rewrite $(LOCK) from the versions in $(VENV)"
 
 $(STAMP): pyproject.toml $(LOCK)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(INSTALLER),pip)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --quiet
 	$(PY) -m pip install --quiet $(CONSTRAINTS) $(TORCH_SPEC)
 	$(PY) -m pip install --quiet $(CONSTRAINTS) -e ".[test]"
 else ifeq ($(INSTALLER),uv)
-	test -x $(UV) || $(PY) -m pip install --quiet --target $(VENV)/.uv $(UV_SPEC)
+# The venv gets no pip of its own (installing it takes seconds): uv installs into it, and the system's pip
+# installs uv and tells uv where packages come from.
+	test -x $(PY) || $(PYTHON) -m venv --without-pip $(VENV)
+	test -x $(UV) || $(PYTHON) -m pip install --quiet --target $(VENV)/.uv $(UV_SPEC)
 # uv does not read pip's configuration: it is given the package sources pip has here, from `pip config list`
 # (a PIP_* variable, else [install], else [global]), and like pip takes the best version among all of them
 # (unsafe-best-match: torch 2.13.0+cpu from a find-links folder beats PyPI's CUDA build of 2.13.0). Like pip it
 # writes the .pyc files at install (--compile-bytecode): else every process, each Ray worker included, compiles
 # what it imports, every time where PYTHONDONTWRITEBYTECODE is set (about 6 s of CPU for torch, Ray and MLflow).
-	@conf=$$($(PY) -m pip config list 2>/dev/null); \
+	@conf=$$($(PYTHON) -m pip config list 2>/dev/null); \
 	opt() { for s in :env: install global; do \
 	  v=$$(printf '%s\n' "$$conf" | sed -n "s/^$$s\.$$1='\(.*\)'$$/\1/p" | tail -n 1); \
 	  if [ -n "$$v" ]; then printf '%s\n' "$$v" | sed 's/\\n/ /g'; return 0; fi; \
@@ -67,7 +71,8 @@ setup: $(STAMP)
 # version only. To move to the newest releases: `make setup VENV=/tmp/newest LOCK= && make lock VENV=/tmp/newest`.
 lock:
 	v=$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
-	{ sed -n '/^#/p' $(LOCK); $(PY) -m pip freeze --all --exclude-editable 2>/dev/null \
+	{ sed -n '/^#/p' $(LOCK); { $(PY) -m pip freeze --all --exclude-editable 2>/dev/null \
+	  || $(UV) pip freeze --exclude-editable --python $(PY); } \
 	  | grep -v -i -E '^(pip|torch|robustune)(==| @)' | LC_ALL=C sort -t= -k1,1 -f \
 	  | sed "s/\$$/ ; python_version == \"$$v\"/"; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)

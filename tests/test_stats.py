@@ -95,3 +95,26 @@ def test_a_verdict_says_when_seeds_not_points_keep_it_undecided():
     assert words.startswith("no significant difference") and "seed-to-seed variation keeps 0 inside" in words
     assert "seed-to-seed" not in verdict({**comparison, "p_value": 0.4}, "A", "B")
     assert "seed-to-seed" not in verdict({**comparison, "seeds": 1}, "A", "B")
+
+
+def test_bootstrap_draws_have_the_distribution_of_resampled_points():
+    """The bootstrap draws each seed's value counts (multinomial) instead of n point indices: its means must have
+    the distribution of the seeds-then-points resampling written out index by index."""
+    from robustune.stats import _bootstrap_means
+
+    def by_index(arrays, resamples, rng):
+        chosen = rng.integers(0, len(arrays), size=(resamples, len(arrays)))
+        return np.array([np.mean([arrays[s][rng.integers(0, arrays[s].size, size=arrays[s].size)].mean()
+                                  for s in row]) for row in chosen])
+
+    robust = [outcomes(333, accuracy, s) for s, accuracy in enumerate((0.35, 0.47, 0.56))]
+    other = [outcomes(333, 0.5, 10 + s) for s in range(3)]
+    differences = [a.astype(np.int8) - b.astype(np.int8) for a, b in zip(robust, other)]  # values -1, 0, +1
+    for arrays in (robust, differences, [outcomes(50, 0.5, 7), outcomes(80, 0.6, 8)]):  # unequal sizes too
+        fast = _bootstrap_means(arrays, 20000, np.random.default_rng(0))
+        reference = by_index(arrays, 20000, np.random.default_rng(1))
+        assert fast.mean() == pytest.approx(reference.mean(), abs=0.002)
+        assert fast.std() == pytest.approx(reference.std(), rel=0.03)
+        assert np.quantile(fast, [0.025, 0.975]) == pytest.approx(np.quantile(reference, [0.025, 0.975]), abs=0.006)
+    # A seed whose points all agree resamples to itself.
+    assert np.all(_bootstrap_means([np.ones(20, dtype=bool)], 100, np.random.default_rng(0)) == 1.0)

@@ -6,6 +6,8 @@ Nothing here knows about runs, searches or studies; everything that places work 
 from __future__ import annotations
 
 import os
+import threading
+from typing import Callable
 
 from robustune.config import Config, ConfigError
 
@@ -26,18 +28,36 @@ def show_worker_output(show: bool) -> None:
     _worker_output = show
 
 
-def ensure_ray() -> None:
+def ensure_ray(meanwhile: Callable[[], object] | None = None) -> None:
     """Connect to $RAY_ADDRESS, or start a local Ray (token authentication stays as Ray sets it: on). A local
-    Ray starts without its dashboard (seconds of start-up nobody looks at); RAY_INCLUDE_DASHBOARD=1 keeps it."""
+    Ray starts without its dashboard (seconds of start-up nobody looks at); RAY_INCLUDE_DASHBOARD=1 keeps it.
+
+    `meanwhile` runs in a thread while Ray starts, which is mostly waiting for Ray's processes: the caller
+    opens its MLflow store there (a new SQLite store spends seconds of CPU creating its tables). It has ended
+    when this returns; an error it raised is dropped, for the caller's own next use of the store to raise."""
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_HEALTH_CHECK_S)
-    address = os.environ.get("RAY_ADDRESS")
-    options = {} if address else {"include_dashboard": os.environ.get("RAY_INCLUDE_DASHBOARD") == "1"}
-    ray.init(address=address, logging_level="WARNING" if _worker_output else "ERROR",
-             log_to_driver=_worker_output, **options)
+    side = threading.Thread(target=_ignoring_errors, args=(meanwhile,), daemon=True) if meanwhile else None
+    if side is not None:
+        side.start()
+    try:
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_HEALTH_CHECK_S)
+        address = os.environ.get("RAY_ADDRESS")
+        options = {} if address else {"include_dashboard": os.environ.get("RAY_INCLUDE_DASHBOARD") == "1"}
+        ray.init(address=address, logging_level="WARNING" if _worker_output else "ERROR",
+                 log_to_driver=_worker_output, **options)
+    finally:
+        if side is not None:
+            side.join()  # so that nothing else opens the same store at the same time
+
+
+def _ignoring_errors(work: Callable[[], object]) -> None:
+    try:
+        work()
+    except Exception:  # noqa: BLE001 - see ensure_ray
+        pass
 
 
 def cluster_cpus() -> int:

@@ -43,14 +43,21 @@ def _as_arrays(outcomes_by_seed: Sequence[Any], what: str) -> list[np.ndarray]:
 
 def _bootstrap_means(arrays: list[np.ndarray], resamples: int, rng: np.random.Generator) -> np.ndarray:
     """`resamples` bootstrap means of the per-seed means: seeds drawn with replacement, then points within each
-    (the same resampling serves per-point outcomes and paired per-point differences)."""
+    (the same resampling serves per-point outcomes and paired per-point differences).
+
+    Drawing a seed's n points with replacement draws each of its distinct values (0/1, or -1/0/+1 for paired
+    differences) a multinomial number of times, with its share of the points as probability: the same
+    distribution as drawing n indices, in a few operations per draw instead of n (a leaderboard takes tens of
+    these intervals)."""
     seeds = len(arrays)
-    means = np.empty(resamples)
     chosen = rng.integers(0, seeds, size=(resamples, seeds))
-    for r in range(resamples):
-        per_seed = [arrays[s][rng.integers(0, arrays[s].size, size=arrays[s].size)].mean() for s in chosen[r]]
-        means[r] = float(np.mean(per_seed))
-    return means
+    per_place = np.empty((resamples, seeds))  # the resampled mean of the seed drawn in each place
+    for seed, points in enumerate(arrays):
+        places = chosen == seed
+        values, counts = np.unique(points.astype(np.float64), return_counts=True)
+        draws = rng.multinomial(points.size, counts / points.size, size=int(places.sum()))
+        per_place[places] = draws @ values / points.size
+    return per_place.mean(axis=1)
 
 
 def bootstrap_accuracy(outcomes_by_seed: Sequence[Any], *, resamples: int = RESAMPLES, seed: int = 0,

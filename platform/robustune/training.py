@@ -56,11 +56,14 @@ def run_training(config: Config | None = None, *, resume_dir: str | Location | N
     else:
         assert config is not None, "run_training needs a config or a resume_dir"
         check_available(config.data.name, config.data.data_dir, config.data.download)
-        tracking.check_server(tracking.resolve_tracking_uri(config.tracking.tracking_uri))  # before any work
+        uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
+        tracking.check_server(uri)  # before any work
         check_weights_sources(config)
         root = output_root(config.tracking.output_dir)
         check_storage(root)  # an object store that does not answer, or has no such bucket, before Ray starts
-        ensure_ray()  # before the MLflow run and the run folder: a run the cluster cannot fit is refused first
+        # Before the MLflow run and the run folder, so a run the cluster cannot fit is refused first; the MLflow
+        # store opens while Ray starts.
+        ensure_ray(meanwhile=lambda: tracking.client(uri))
         check_cluster_fits(config)
         check_nodes_see(root)
         run = Run.create(config, extra_tags=extra_tags, parent_run_id=parent_run_id)
