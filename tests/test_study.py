@@ -162,6 +162,9 @@ def test_tiny_study_lands_in_mlflow_under_one_parent_run(tiny_study):
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert {"test/clean_acc", "test/pgd_acc", "test/aa_acc"} <= set(run.data.metrics)
         assert run.data.tags["eval/protocol"] == "quick/1"
+        # Logged by the driver as each evaluation ends (its Ray task does not open MLflow): report and outcomes.
+        assert {"eval/quick/report.json", "eval/quick/outcomes.parquet"} <= {
+            a.path for a in client.list_artifacts(run.info.run_id, "eval/quick")}
 
 
 def test_every_mlflow_run_of_the_study_ended_as_it_ended(tiny_study):

@@ -78,8 +78,9 @@ def locate(source: str, tracking_uri: str | None = None) -> Source:
 
 
 def evaluate_run(source: str, eval_settings: dict[str, Any], *, tracking_uri: str | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate a saved model by the protocol in `eval_settings` (EvalConfig fields); log it to its MLflow run."""
+                 log: Callable[[str], None] = print, track: bool = True) -> dict[str, Any]:
+    """Evaluate a saved model by the protocol in `eval_settings` (EvalConfig fields); log it to its MLflow run
+    (`track`; else the caller logs it, with `robustune.tracking.log_evaluation`)."""
     from robustune import tracking
     from robustune.evaluation import attacked_slice, evaluate_deployed, format_report
     from robustune.run import load_trained
@@ -104,7 +105,8 @@ def evaluate_run(source: str, eval_settings: dict[str, Any], *, tracking_uri: st
     report.update({"source": str(where.checkpoint), "method": config.method_name})
     (state_dir / "report.json").write_text(json.dumps(report, indent=2))
     if where.run_id and where.tracking_uri:
-        tracking.log_evaluation(where.tracking_uri, where.run_id, report, step=0)
+        if track:
+            tracking.log_evaluation(where.tracking_uri, where.run_id, report, step=0)
         report["run_id"] = where.run_id
     log(format_report(report))
     return report
@@ -115,13 +117,15 @@ def evaluate_in_task(source: str, eval_settings: dict[str, Any], threads: int) -
     at once). AutoAttack's chunks run here, one after another: as nested tasks they would wait for CPUs (or a GPU)
     that the study's evaluations hold. The chunks, and so the flags, are the same as sharded ones
     (robustune.evaluation). Returns the report, its log lines (the study's driver passes them on as the evaluation
-    ends, so that concurrent evaluations do not interleave) and the wall seconds the task held its resources."""
+    ends, so that concurrent evaluations do not interleave) and the wall seconds the task held its resources.
+    The driver logs the report to MLflow: a task often runs in a fresh Ray worker, where opening MLflow alone
+    takes seconds of CPU."""
     import torch
 
     started = time.time()
     torch.set_num_threads(threads)
     lines: list[str] = []
-    report = evaluate_run(source, {**eval_settings, "workers": 1}, log=lines.append)
+    report = evaluate_run(source, {**eval_settings, "workers": 1}, log=lines.append, track=False)
     return {"report": report, "lines": lines, "seconds": time.time() - started}
 
 

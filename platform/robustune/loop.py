@@ -78,17 +78,19 @@ class TrainingSetup:
     splits: DataSplits
     train_loader: BatchLoader
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None where the model is only evaluated
     defense: Defense
     epochs: int
     steps_per_epoch: int
 
 
 def build_setup(config: Config, rank: int, world_size: int, device: torch.device,
-                restoring: bool = False) -> TrainingSetup:
+                restoring: bool = False, training: bool = True) -> TrainingSetup:
     """Data (loaded once per process), this worker's batches, the model (identical initial weights on every
     worker; train.init_from loaded), SGD, and the defense set up with the loop's schedule. `restoring`: the
-    caller loads a checkpoint's defense state next (DefenseContext.restoring)."""
+    caller loads a checkpoint's defense state next (DefenseContext.restoring). `training` False: no SGD (its
+    optimizer is None), for a model that is only evaluated: a process's first torch optimizer imports
+    torch._dynamo, over a second of CPU in every fresh evaluation process."""
     train = config.train
     data = config.data
     splits = load_dataset(data.name, data_dir=data.data_dir, val_size=data.val_size,
@@ -108,7 +110,7 @@ def build_setup(config: Config, rank: int, world_size: int, device: torch.device
     if train.init_from:
         load_weights(model, model_weights_from(train.init_from), train.init_from, config.model_name)
     optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                                weight_decay=train.weight_decay)
+                                weight_decay=train.weight_decay) if training else None
     defense.setup(model, DefenseContext(
         epsilon=config.epsilon, num_classes=info.num_classes, input_shape=info.input_shape,
         num_train_examples=len(splits.train), epochs=epochs, steps_per_epoch=steps_per_epoch, device=device,

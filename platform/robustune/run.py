@@ -204,7 +204,7 @@ def load_trained(checkpoint: str | Location, overrides: Callable[[dict[str, Any]
         device = "cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     # The defense set up as in training, minus the one-time work its saved state holds (init_from is gone).
-    setup = build_setup(config, rank=0, world_size=1, device=device, restoring=bool(defense_state))
+    setup = build_setup(config, rank=0, world_size=1, device=device, restoring=bool(defense_state), training=False)
     load_weights(setup.model, state["model"], source, config.model_name)
     if defense_state:
         setup.defense.load_state_dict(defense_state)

@@ -735,6 +735,10 @@ class Evaluations:
             return
         for line in result["lines"]:
             self.detail(line)
+        if record.run_id:  # before the state records it: a study interrupted between the two evaluates it again
+            from robustune import tracking
+
+            tracking.log_evaluation(self.state.tracking_uri, record.run_id, result["report"], step=0)
         record.evaluation, record.evaluation_s, record.evaluation_slots = result["report"], result["seconds"], 1
         protocol = self.state.study.evaluation.get("protocol", "quick")
         record.evaluation_file = str(location(record.run_dir) / f"eval-{protocol}" / "report.json")
