@@ -38,7 +38,7 @@ else ifeq ($(INSTALLER),uv)
 # The venv gets no pip of its own (installing it takes seconds): uv installs into it, and the system's pip
 # installs uv and tells uv where packages come from.
 	test -x $(PY) || $(PYTHON) -m venv --without-pip $(VENV)
-	test -x $(UV) || $(PYTHON) -m pip install --quiet --target $(VENV)/.uv $(UV_SPEC)
+	test -x $(UV) || $(PYTHON) -m pip install --quiet --root-user-action=ignore --target $(VENV)/.uv $(UV_SPEC)
 # uv does not read pip's configuration: it is given the package sources pip has here, from `pip config list`
 # (a PIP_* variable, else [install], else [global]), and like pip takes the best version among all of them
 # (unsafe-best-match: torch 2.13.0+cpu from a find-links folder beats PyPI's CUDA build of 2.13.0). Like pip it

@@ -123,3 +123,26 @@ def test_overhead_and_scaling_scripts_print_their_tables(tmp_path):
     rows = table_rows((tmp_path / "scaling.md").read_text())
     assert [row[0] for row in rows] == ["1 worker x 1 thread", "2 workers x 1 thread", "1 worker x 2 threads"]
     assert rows[0][3] == "1.00" and all(float(row[2]) > 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_search_efficiency_re_measures_every_winner_with_fresh_seeds(tmp_path):
+    """The search-efficiency table gives each search's winner trained again with fresh seeds, and its gap to the
+    grid winner's re-measured value (each distinct winner trained once: equal knobs, equal values)."""
+    result = bench("search_efficiency.py", "--defenses", "fgsm_rs", "--grid-points", "2", "--seeds", "0",
+                   "--epochs", "2", "--train-subset", "1000", "--set", "data.name=synthetic",
+                   "--set", "data.val_size=200", "--set", "validation.examples=100", "--remeasure-seeds", "1", "2",
+                   "--markdown", str(tmp_path / "search.md"), cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    text = (tmp_path / "search.md").read_text()
+    assert "| re-measured (seeds 1, 2) | gap re-measured |" in text
+    rows = table_rows(text)
+    grid, tpe, random_search = rows[0], rows[1], rows[2]
+    assert [grid[0], tpe[0], random_search[0]] == ["grid", "TPE + ASHA", "random"]
+    for row in (grid, tpe, random_search):
+        assert 0 <= float(row[8]) <= 1, row
+        assert float(row[9]) == pytest.approx(100 * (float(row[8]) - float(grid[8])), abs=0.051), row
+    assert float(grid[9]) == 0.0
+    points = dict(part.split(": ", 1) for part in text.split("best points: ", 1)[1].splitlines()[0].split("; "))
+    if points["grid seed 0"] == points["TPE + ASHA seed 0"]:  # the same config is measured once, so alike
+        assert tpe[8] == grid[8]
