@@ -8,14 +8,15 @@ and random search (no early stopping) then run under that budget with `--seeds` 
 gives each search's best validation PGD accuracy (the objective every trial reports; 1000 validation images,
 so about +-1.4 points of sampling noise), the compute it spent, that compute as a share of the grid's, and
 the gap to the grid's best in points, per seed and as a mean over seeds. Target: TPE + ASHA within 1 point
-of the grid's best (mean over seeds) with at most a third of its compute (every seed). Nothing is asserted.
+of the grid's best (mean over seeds), every seed within 2, with at most a third of its compute (every seed).
+Nothing is asserted.
 
 A search's best is the maximum over its noisy trials, so a search of more trials (the grid) reports a higher
 best even where its winner is no better. Each winning config is therefore also re-measured: trained again
 with `--remeasure-seeds` fresh seeds (each also draws its own validation split; same length), and the table
-adds its mean best
-validation PGD accuracy and that gap to the grid winner's, re-measured the same way: the gap in what each
-search chose, without the luck of the trial that made it win. `--remeasure-seeds` with no value skips it.
+adds its mean best validation PGD accuracy and that gap to the grid winner's, re-measured the same way: the
+gap in what each search chose, without the luck of the trial that made it win. `--remeasure-seeds` with no
+value skips it.
 
 Spaces: FGSM-RS uses its shipped space (step alpha / eps, learning rate); PGD-AT uses its shipped ranges for
 alpha / eps and learning rate with 5 steps and the training radius fixed (`benchmarks/spaces/pgd_2d.yaml`), so
@@ -130,11 +131,13 @@ def table(defense: str, grid: dict, others: list[dict], budget_s: float, remeasu
         rows = [row for row in others if row["searcher"] == searcher]
         mean_gap, worst_share = sum(map(gap, rows)) / len(rows), max(map(share, rows))
         met = ""
-        if searcher == "TPE + ASHA":
-            met = "yes" if mean_gap >= -1 and worst_share <= 1 / 3 else "no"
+        if searcher == "TPE + ASHA":  # the target: mean gap >= -1, every seed's >= -2, at most 1/3 of the compute
+            def meets(gaps: list[float]) -> str:
+                return "yes" if sum(gaps) / len(gaps) >= -1 and min(gaps) >= -2 and worst_share <= 1 / 3 else "no"
+
+            met = meets(list(map(gap, rows)))
             if again:
-                mean_again = sum(map(gap_again, rows)) / len(rows)
-                met += f" (re-measured: {'yes' if mean_again >= -1 and worst_share <= 1 / 3 else 'no'})"
+                met += f" (re-measured: {meets(list(map(gap_again, rows)))})"
         mean_compute = sum(r["compute_s"] for r in rows) / len(rows)
         extra = (f" {sum(r['remeasured'] for r in rows) / len(rows):.4f} | "
                  f"**{sum(map(gap_again, rows)) / len(rows):+.1f}** (worst {min(map(gap_again, rows)):+.1f}) |"

@@ -167,6 +167,32 @@ def test_tiny_study_lands_in_mlflow_under_one_parent_run(tiny_study):
             a.path for a in client.list_artifacts(run.info.run_id, "eval/quick")}
 
 
+def test_the_driver_logs_each_evaluation_and_a_store_that_refuses_it_fails_the_evaluation(tiny_study, tmp_path):
+    """A study's evaluation tasks do not open MLflow: the driver logs each report as it arrives. A store that
+    cannot take it fails that evaluation (nothing recorded, so a resumed study evaluates it again); an
+    unreachable tracking server queues it in the run's outbox, and the evaluation counts."""
+    import dataclasses
+
+    from robustune import tracking
+    from robustune.study import Evaluations
+    from robustune.study_state import StudyState
+
+    state = StudyState.load(tiny_study["dir"])
+    record = dataclasses.replace(next(iter(state.runs.values())), run_dir=str(tmp_path / "run"))
+    lines: list[str] = []
+    state.tracking_uri = f"sqlite:///{tmp_path}"  # a folder, not a database
+    refused = Evaluations(state, lines.append, lines.append)
+    assert refused._log_to_mlflow(record, record.evaluation, "standard seed 0") is False
+    assert refused.failure is not None and "could not be logged to MLflow" in lines[-1]
+    state.tracking_uri = "http://127.0.0.1:9"  # nothing listens there
+    unreachable = Evaluations(state, lines.append, lines.append)
+    assert unreachable._log_to_mlflow(record, record.evaluation, "standard seed 0") is True
+    assert unreachable.failure is None
+    queued = tracking.read_outbox(tmp_path / "run")
+    assert [r["op"] for r in queued][:1] == ["log_metrics"] and queued[0]["run_id"] == record.run_id
+    assert any(r["op"] == "log_file" and r["path"].endswith("outcomes.parquet") for r in queued)
+
+
 def test_every_mlflow_run_of_the_study_ended_as_it_ended(tiny_study):
     """No run is left RUNNING: final runs FINISHED, search trials FINISHED / KILLED with their stop reason
     (ASHA or the compute budget) / FAILED, each with every epoch it reported."""

@@ -735,10 +735,8 @@ class Evaluations:
             return
         for line in result["lines"]:
             self.detail(line)
-        if record.run_id:  # before the state records it: a study interrupted between the two evaluates it again
-            from robustune import tracking
-
-            tracking.log_evaluation(self.state.tracking_uri, record.run_id, result["report"], step=0)
+        if record.run_id and not self._log_to_mlflow(record, result["report"], name):
+            return
         record.evaluation, record.evaluation_s, record.evaluation_slots = result["report"], result["seconds"], 1
         protocol = self.state.study.evaluation.get("protocol", "quick")
         record.evaluation_file = str(location(record.run_dir) / f"eval-{protocol}" / "report.json")
@@ -746,6 +744,24 @@ class Evaluations:
         if self.counted:
             progress.current().unit_finished(name)
         self.log(f"[study] {name} evaluated: {evaluation_line(record.evaluation)} ({record.evaluation_s:.0f}s)")
+
+    def _log_to_mlflow(self, record: RunRecord, report: dict[str, Any], name: str) -> bool:
+        """The evaluation in its run's MLflow run, before the state records it (a study interrupted between the
+        two evaluates it again, from its saved AutoAttack chunks). An unreachable tracking server queues it in
+        the run's outbox (`robustune sync`); another error fails the evaluation, as one in its task would."""
+        from robustune import tracking
+
+        tracking.use_outbox(record.run_id, record.run_dir)
+        try:
+            tracking.log_evaluation(self.state.tracking_uri, record.run_id, report, step=0)
+        except Exception as error:
+            self.failure = self.failure or error
+            if self.counted:
+                progress.current().unit_finished(name, ok=False)
+            self.log(f"[study] {name} evaluation could not be logged to MLflow ({str(error).splitlines()[0][:300]}); "
+                     "no new evaluation starts")
+            return False
+        return True
 
 
 class EvaluateWhenTrained(Callback):
