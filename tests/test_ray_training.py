@@ -171,7 +171,7 @@ def test_fashion_mnist_end_to_end(local_ray, tmp_path, mlflow_uri):
 
 
 STARTING_PROBE = r"""
-import sys, threading
+import os, sys, threading
 from robustune import tracking
 from robustune.cluster import ensure_ray
 import ray
@@ -179,26 +179,27 @@ import ray
 uri = sys.argv[1]
 seen = {}
 
-def open_store_then_fail():
+def load_mlflow_then_fail():
     seen["thread"] = threading.current_thread() is not threading.main_thread()
     seen["ray_up_at_start"] = ray.is_initialized()
-    tracking.client(uri).search_experiments()
+    tracking.load_modules(uri)
     raise RuntimeError("a failure in the side work must not stop Ray's start")
 
-ensure_ray(meanwhile=open_store_then_fail)
+ensure_ray(meanwhile=load_mlflow_then_fail)
 assert ray.is_initialized()
 assert seen == {"thread": True, "ray_up_at_start": False}, seen
-assert tracking.client.cache_info().currsize == 1  # the store opened in the thread is the one the driver uses
+assert "mlflow.store.tracking.sqlalchemy_store" in sys.modules  # loaded by the time ensure_ray returned
+assert not os.path.exists(uri[len("sqlite:///"):])  # and nothing created: a refused run leaves no store
 print("PROBE OK")
 """
 
 
-def test_the_mlflow_store_opens_while_ray_starts_and_its_errors_do_not_stop_ray(tmp_path):
-    """ensure_ray runs its side work (a run, search or study opens its MLflow store there) in another thread
-    while Ray starts, has waited for it when it returns, and drops its error for the caller's next use to raise.
-    A fresh process: Ray must not be started yet."""
+def test_mlflow_loads_while_ray_starts_creating_nothing_and_its_errors_do_not_stop_ray(tmp_path):
+    """ensure_ray runs its side work (a run, search or study loads MLflow there) in another thread while Ray
+    starts, has waited for it when it returns, and drops its error for the caller's next use to raise. Loading
+    creates no store: the checks after Ray's start may still refuse the run. A fresh process: Ray must not be
+    started yet."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run([sys.executable, "-c", STARTING_PROBE, f"sqlite:///{tmp_path / 'mlflow.db'}"],
                             cwd=tmp_path, env=env, text=True, capture_output=True, timeout=180)
     assert result.returncode == 0 and "PROBE OK" in result.stdout, result.stderr[-3000:]
-    assert (tmp_path / "mlflow.db").stat().st_size > 0  # the tables were created

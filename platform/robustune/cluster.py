@@ -33,8 +33,8 @@ def ensure_ray(meanwhile: Callable[[], object] | None = None) -> None:
     Ray starts without its dashboard (seconds of start-up nobody looks at); RAY_INCLUDE_DASHBOARD=1 keeps it.
 
     `meanwhile` runs in a thread while Ray starts, which is mostly waiting for Ray's processes: the caller
-    opens its MLflow store there (a new SQLite store spends seconds of CPU creating its tables). It has ended
-    when this returns; an error it raised is dropped, for the caller's own next use of the store to raise."""
+    imports MLflow there (seconds of CPU). It has ended when this returns; an error it raised is dropped, for
+    the caller's own next use of MLflow to raise."""
     import ray
 
     if ray.is_initialized():

@@ -411,7 +411,7 @@ def start_search(settings: SearchSettings, base_data: dict[str, Any], log: Calla
     base.tracking.run_name = None
     uri = base.tracking.tracking_uri
 
-    ensure_ray(meanwhile=lambda: tracking.client(uri))  # a new MLflow store opens while Ray starts
+    ensure_ray(meanwhile=lambda: tracking.load_modules(uri))  # MLflow loads while Ray starts
     settings.max_concurrent = share_cpus(base, settings.max_concurrent)
     check_cluster_fits(base)  # before the parent run exists: a run that can never start is refused now
     check_nodes_see(root)

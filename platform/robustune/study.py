@@ -239,7 +239,7 @@ def start_study(study: Study, log: Callable[[str], None] = print,
     study_dir = output_dir / instance
     if study_dir.exists():
         raise ConfigError(f"study folder {study_dir} already exists; continue it with --resume {study_dir}")
-    ensure_ray(meanwhile=lambda: tracking.client(uri))  # a new MLflow store opens while Ray starts
+    ensure_ray(meanwhile=lambda: tracking.load_modules(uri))  # MLflow loads while Ray starts
     check_cluster_fits(config)  # every run of the study has the base's resources
     check_nodes_see(output_dir)
     # Runs at once, and CPUs per worker so that many fit: fixed now, so a resumed study places runs alike.

@@ -76,6 +76,16 @@ def resolve_tracking_uri(configured: str | None) -> str:
     return uri
 
 
+def load_modules(uri: str) -> None:
+    """Import what `client(uri)` needs (seconds of CPU), creating nothing: a run, search or study does this
+    while Ray starts (`robustune.cluster.ensure_ray`), before the checks that may refuse it leave no store
+    behind."""
+    import mlflow.tracking  # noqa: F401
+
+    if "://" in uri and not uri.startswith(("http://", "https://", "file:")):  # a database: MLflow's SQL store
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 @functools.lru_cache(maxsize=8)
 def client(uri: str):
     """The MLflow client for `uri`, one per process: a reused Ray process (a Tune trial actor) opens the store

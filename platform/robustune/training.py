@@ -61,9 +61,9 @@ def run_training(config: Config | None = None, *, resume_dir: str | Location | N
         check_weights_sources(config)
         root = output_root(config.tracking.output_dir)
         check_storage(root)  # an object store that does not answer, or has no such bucket, before Ray starts
-        # Before the MLflow run and the run folder, so a run the cluster cannot fit is refused first; the MLflow
-        # store opens while Ray starts.
-        ensure_ray(meanwhile=lambda: tracking.client(uri))
+        # Before the MLflow run and the run folder, so a run the cluster cannot fit is refused first; MLflow
+        # loads while Ray starts.
+        ensure_ray(meanwhile=lambda: tracking.load_modules(uri))
         check_cluster_fits(config)
         check_nodes_see(root)
         run = Run.create(config, extra_tags=extra_tags, parent_run_id=parent_run_id)
