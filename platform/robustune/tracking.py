@@ -77,9 +77,9 @@ def resolve_tracking_uri(configured: str | None) -> str:
 
 
 def load_modules(uri: str) -> None:
-    """Import what `client(uri)` needs (seconds of CPU), creating nothing: a run, search or study does this
-    while Ray starts (`robustune.cluster.ensure_ray`), before the checks that may refuse it leave no store
-    behind."""
+    """Import what `client(uri)` needs (seconds of CPU) and create nothing: a run, search or study does this
+    while Ray starts (`robustune.cluster.ensure_ray`), and the checks after Ray's start may still refuse it,
+    which must leave no store behind."""
     import mlflow.tracking  # noqa: F401
 
     if "://" in uri and not uri.startswith(("http://", "https://", "file:")):  # a database: MLflow's SQL store
