@@ -38,21 +38,27 @@ SPACES = {"fgsm_rs": None, "pgd": HERE / "spaces" / "pgd_2d.yaml"}  # None: the 
 FIXED = {"pgd": ["method.steps=5", "method.epsilon_ratio=1.0"]}  # the knobs a 2-D PGD space leaves out
 
 
+def base_config(defense: str, name: str, base_overrides: list[str], workdir: Path) -> dict:
+    """The runs' config: the shared overrides, the knobs the benchmark fixes, a run name and the work folder."""
+    from robustune.config import raw_config
+
+    return raw_config(None, None, [*base_overrides, *FIXED.get(defense, []), f"tracking.run_name={name}",
+                                   f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+                                   f"tracking.output_dir={workdir / 'runs'}"])
+
+
 def search(defense: str, searcher: str, scheduler: str, *, seed: int, epochs: int, grid_points: int,
            budget_s: float | None, base_overrides: list[str], workdir: Path) -> dict:
     """One search; its best validation PGD accuracy, compute and wall time (from its results.parquet)."""
     import pandas as pd
 
-    from robustune.config import raw_config
     from robustune.search import RESULTS_FILE, SearchSettings, start_search
 
     name = f"{defense}-{searcher}-{scheduler}-seed{seed}"
     settings = SearchSettings(defense=defense, samples=200, epochs=epochs, seed=seed, searcher=searcher,
                               scheduler=scheduler, grid_points=grid_points, budget_s=budget_s,
                               space_file=str(SPACES[defense]) if SPACES[defense] else None)
-    base = raw_config(None, None, [*base_overrides, *FIXED.get(defense, []), f"tracking.run_name={name}",
-                                   f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
-                                   f"tracking.output_dir={workdir / 'runs'}"])
+    base = base_config(defense, name, base_overrides, workdir)
     started = time.time()
     summary = start_search(settings, base, log=lambda _: None)
     rows = pd.read_parquet(Path(summary["search_dir"]) / RESULTS_FILE)
@@ -74,7 +80,6 @@ def remeasure(defense: str, params: dict, *, seeds: list[int], epochs: int, base
     import pandas as pd
     import yaml
 
-    from robustune.config import raw_config
     from robustune.search import RESULTS_FILE, SearchSettings, start_search
 
     space = {key: {"type": "choice", "values": [value]} for key, value in params.items()}
@@ -83,9 +88,7 @@ def remeasure(defense: str, params: dict, *, seeds: list[int], epochs: int, base
     space_file.write_text(yaml.safe_dump(space))
     settings = SearchSettings(defense=defense, samples=len(seeds), epochs=epochs, searcher="grid", scheduler="none",
                               grid_points=1, space_file=str(space_file))
-    base = raw_config(None, None, [*base_overrides, *FIXED.get(defense, []), f"tracking.run_name={name}",
-                                   f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
-                                   f"tracking.output_dir={workdir / 'runs'}"])
+    base = base_config(defense, name, base_overrides, workdir)
     summary = start_search(settings, base, log=lambda _: None)
     rows = pd.read_parquet(Path(summary["search_dir"]) / RESULTS_FILE)
     if len(rows) != len(seeds) or rows["best.objective"].isna().any():

@@ -50,7 +50,7 @@ def ensure_ray(meanwhile: Callable[[], object] | None = None) -> None:
                  log_to_driver=_worker_output, **options)
     finally:
         if side is not None:
-            side.join()  # so that nothing else opens the same store at the same time
+            side.join()  # the caller's own use of MLflow comes next
 
 
 def _ignoring_errors(work: Callable[[], object]) -> None:

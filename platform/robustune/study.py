@@ -59,7 +59,8 @@ from robustune.study_state import (DEFINITION_FILE, Entry, RunRecord, SearchReco
                                    is_study_dir)
 from robustune.run import FINAL_MODEL_FILE, finished_report, run_id_of
 from robustune.storage import Location, check_nodes_see, check_storage, location, output_root, ray_storage
-from robustune.trials import TrialOutcomes, TrialPlan, TrialProgress, TrialRun, trainable, tune_failures
+from robustune.trials import (TrialOutcomes, TrialPlan, TrialProgress, TrialRun, first_error_line, trainable,
+                              tune_failures)
 
 SEED_SLICES = "seed_slices"  # evaluation key: each seed attacked on its own test slice (default true)
 STUDY_KEYS = {"name", "description", "dataset", "model", "epsilon", "epochs", "seeds", "base", "evaluation",
@@ -728,10 +729,7 @@ class Evaluations:
         try:
             result = ray.get(ref)
         except Exception as error:  # the task's own exception type (Ray's error subclasses it) or a lost worker
-            self.failure = self.failure or error
-            if self.counted:
-                progress.current().unit_finished(name, ok=False)
-            self.log(f"[study] {name} evaluation FAILED; no new evaluation starts")
+            self._fail(name, error, "evaluation FAILED")
             return
         for line in result["lines"]:
             self.detail(line)
@@ -755,13 +753,16 @@ class Evaluations:
         try:
             tracking.log_evaluation(self.state.tracking_uri, record.run_id, report, step=0)
         except Exception as error:
-            self.failure = self.failure or error
-            if self.counted:
-                progress.current().unit_finished(name, ok=False)
-            self.log(f"[study] {name} evaluation could not be logged to MLflow ({str(error).splitlines()[0][:300]}); "
-                     "no new evaluation starts")
+            self._fail(name, error, f"evaluation could not be logged to MLflow ({first_error_line(error)})")
             return False
         return True
+
+    def _fail(self, name: str, error: Exception, what: str) -> None:
+        """A failed evaluation: the first failure is raised by `finish`; no new evaluation starts."""
+        self.failure = self.failure or error
+        if self.counted:
+            progress.current().unit_finished(name, ok=False)
+        self.log(f"[study] {name} {what}; no new evaluation starts")
 
 
 class EvaluateWhenTrained(Callback):
