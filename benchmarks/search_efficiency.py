@@ -161,9 +161,13 @@ def main() -> None:
     parser.add_argument("--grid-points", nargs="+", type=int, default=[4, 3],
                         help="values per knob of each defense's grid, in --defenses order")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="searcher seeds of TPE+ASHA and random")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per trial (ASHA rungs at 1, 2, 4)")
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="epochs per trial (ASHA judges trials from the epoch where the learning rate has "
+                             "fallen to half its peak: epoch 3 of 4)")
     parser.add_argument("--train-subset", type=int, default=4000)
-    parser.add_argument("--budget-fraction", type=float, default=0.3)
+    parser.add_argument("--budget-fraction", type=float, default=0.3,
+                        help="the other searches' compute budget as a share of the grid's (default 0.3: two trials "
+                             "at once can each start an epoch that the other's ends up overrunning)")
     parser.add_argument("--remeasure-seeds", nargs="*", type=int, default=[1, 2],
                         help="training seeds each winning config is trained again with (none: no re-measure)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")

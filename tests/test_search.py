@@ -94,9 +94,10 @@ def test_four_trial_search_with_a_failing_trial(tmp_path):
         "train.lr": {"type": "choice", "values": [0.05, 1.0e30]},  # 1e30 makes the loss overflow
     }))
     process = search_cli("fgsm_rs", "--space", str(space), "--samples", "4", "--epochs", "2", "--seed", "3",
-                         "--max-concurrent", "2", *BASE, cwd=tmp_path)
+                         "--max-concurrent", "2", "--grace-period", "1", *BASE, cwd=tmp_path)
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output[-3000:]
+    assert "ASHA judges trials after epoch(s) 1 of 2\n" in output  # the grace period given, not derived
     [search_dir] = list((tmp_path / "runs").glob("search-fgsm_rs-*"))
     rows = pq.read_table(search_dir / "results.parquet").to_pylist()
     assert len(rows) == 4
@@ -125,20 +126,22 @@ def test_four_trial_search_with_a_failing_trial(tmp_path):
 
 def test_trials_that_asha_stops_end_killed_with_every_epoch_they_reported(tmp_path):
     """One at a time: the defaults (lr 0.05) learn, lr 1e-7 does not, so ASHA stops the 1e-7 trials at their
-    first rung. Every trial's MLflow run ends as it ended, with every epoch it reported: Tune ends a trial right
-    after a report, so each epoch is logged and checkpointed before it is reported."""
+    first rung: epoch 3 of 4, the first where the cyclic learning rate has fallen to half its peak (the default
+    grace period). Every trial's MLflow run ends as it ended, with every epoch it reported: Tune ends a trial
+    right after a report, so each epoch is logged and checkpointed before it is reported."""
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"train.lr": {"type": "choice", "values": [0.05, 1.0e-7]}}))
-    process = search_cli("fgsm_rs", "--space", str(space), "--samples", "4", "--epochs", "3", "--searcher",
+    process = search_cli("fgsm_rs", "--space", str(space), "--samples", "4", "--epochs", "4", "--searcher",
                          "random", "--seed", "1", "--max-concurrent", "1", *BASE, cwd=tmp_path)
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output[-3000:]
+    assert "ASHA judges trials after epoch(s) 3 of 4 (the learning rate has fallen to half its peak" in output
     [search_dir] = list((tmp_path / "runs").glob("search-fgsm_rs-*"))
     rows = pq.read_table(search_dir / "results.parquet").to_pylist()
     assert len(rows) == 4
     stopped = [r for r in rows if r["status"] == "asha_stopped"]
-    assert stopped and all(r["param.train.lr"] == 1.0e-7 and r["epochs_run"] < 3 for r in stopped), rows
-    assert any(r["status"] == "completed" and r["epochs_run"] == 3 for r in rows)
+    assert stopped and all(r["param.train.lr"] == 1.0e-7 and r["epochs_run"] == 3 for r in stopped), rows
+    assert any(r["status"] == "completed" and r["epochs_run"] == 4 for r in rows)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert_trials_tracked_as_they_ended(client, rows)
     parent = json.loads((search_dir / "search.json").read_text())["parent_run_id"]
@@ -151,16 +154,22 @@ def test_compute_budget_stops_a_trial_before_its_next_epoch_would_overrun():
     from robustune.search import ComputeBudget
 
     budget = ComputeBudget(budget_s=20.0, workers=2)  # worker-seconds; each trial uses 2 workers
-    assert not budget.spent()
+    assert budget.fits_trials(1)
     assert budget("a", {"time/total_s": 3.0}) is False  # spent 6, next epoch 6 -> 12 <= 20
     assert budget("b", {"time/total_s": 2.0}) is False  # spent 10, b's next 4 -> 14
-    assert not budget.spent()  # a typical epoch (the upper median of 6 and 4 worker-s) still fits: 10 + 6 <= 20
+    assert budget.fits_trials(1)  # a typical epoch (the upper median of 6 and 4 worker-s) still fits: 10 + 6 <= 20
+    assert not budget.fits_trials(2)  # two would not: 10 + 12 > 20
     assert budget("a", {"time/total_s": 6.0}) is True  # spent 16, a's next 6 -> 22 > 20: stop a now
-    assert budget.spent_s == 16.0 and budget.spent()  # and start no new trial
+    assert budget.spent_s == 16.0 and not budget.fits_trials(1)  # and start no new trial
     assert budget("b", {"time/total_s": 3.0}) is False  # spent 18, b's next 2 -> 20: fits exactly
     assert budget("b", {"time/total_s": 4.0}) is True  # spent 20, b's next 2 -> 22 > 20
+    # Tune hands a trial's last report to the stopper twice; the repeat is no 0-s epoch that makes room.
+    judged = ComputeBudget(budget_s=30.0, workers=1, judged_epochs=2)
+    for total in (10.0, 20.0, 20.0):
+        judged("a", {"time/total_s": total, "run_finished": total == 20.0})
+    assert judged.last_epoch_s == {"a": 10.0} and not judged.fits_trials(1)  # 20 + 2 x 10 > 30
     unlimited = ComputeBudget(budget_s=None, workers=1)
-    assert unlimited("a", {"time/total_s": 1e9}) is False and not unlimited.spent()
+    assert unlimited("a", {"time/total_s": 1e9}) is False and unlimited.fits_trials(100)
 
 
 def test_grid_values_are_even_inside_the_range_and_cover_choices():

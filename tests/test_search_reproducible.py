@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from ray.tune.search import Searcher
 
-from robustune.search import (BatchedSuccessiveHalving, ComputeBudget, SearchSettings, SuggestionBatches, summarize,
-                              what_varies)
+from robustune.config import raw_config
+from robustune.search import (BatchedSuccessiveHalving, ComputeBudget, SearchSettings, SuggestionBatches,
+                              first_judged_epoch, summarize, what_varies)
 
 
 class RecordingSearcher(Searcher):
@@ -56,6 +57,48 @@ def test_no_suggestion_once_the_budget_is_spent():
     budget("a", {"time/total_s": 9.0})  # another 9 s epoch would overrun
     assert batches.suggest("b") is Searcher.FINISHED
     assert "budget" not in batches.get_state()  # Tune restores this state; the budget stays the Stopper's
+
+
+def test_no_trial_starts_that_the_budget_would_stop_before_it_is_judged():
+    budget = ComputeBudget(budget_s=100.0, workers=1, judged_epochs=4)  # no rung: judged at its last epoch
+    batches = SuggestionBatches(RecordingSearcher(), batch_size=2, samples=8, budget=budget)
+    assert batches.suggest("a") == {"n": 1} and batches.suggest("b") == {"n": 2}  # nothing measured yet
+    for epoch in range(1, 5):
+        budget("a", {"time/total_s": 10.0 * epoch})
+        assert batches.suggest("c") is None  # while its batch runs: wait, however little budget is left
+    budget("b", {"time/total_s": 10.0})  # ASHA stopped b after its first epoch: 50 worker-s spent
+    batches.on_trial_complete("a", {"objective": 0.5})
+    batches.on_trial_complete("b", {"objective": 0.1})
+    assert batches.suggest("c") == {"n": 3}  # one whole trial of four 10-s epochs fits: 50 + 40 <= 100
+    assert batches.suggest("d") is Searcher.FINISHED  # a second beside it would not: 50 + 80 > 100
+
+
+def test_a_trial_is_judged_first_at_its_first_rung_or_else_at_its_end():
+    base = raw_config(None, None, ["method.name=fgsm_rs", "train.epochs=4"])  # cyclic by default
+    assert first_judged_epoch(SearchSettings(defense="fgsm_rs"), base) == 3  # the lr is at half its peak
+    assert first_judged_epoch(SearchSettings(defense="fgsm_rs", grace_period=1), base) == 1  # as given
+    assert first_judged_epoch(SearchSettings(defense="fgsm_rs", grace_period=9), base) == 4
+    assert first_judged_epoch(SearchSettings(defense="fgsm_rs", scheduler="none"), base) == 4
+    constant = raw_config(None, None, ["method.name=fgsm_rs", "train.epochs=4", "train.schedule=constant"])
+    assert first_judged_epoch(SearchSettings(defense="fgsm_rs"), constant) == 1
+
+
+def test_trials_with_no_fair_rung_before_their_end_all_run_whole():
+    from robustune.search import describe_rungs
+
+    base = raw_config(None, None, ["method.name=fgsm_rs", "train.epochs=3"])  # half the peak only at epoch 3
+    grace = first_judged_epoch(SearchSettings(defense="fgsm_rs"), base)
+    scheduler = BatchedSuccessiveHalving("objective", max_t=3, grace_period=grace, reduction_factor=2, batch_size=1)
+    assert scheduler.rungs == {}
+    assert describe_rungs([], 3, chosen=False).startswith("ASHA stops no trial early: the learning rate falls to "
+                                                          "half its peak only in the last of 3 epochs")
+    good, bad = trial("a", 1), trial("b", 2)
+    for t in (good, bad):
+        scheduler.on_trial_add(None, t)
+    for epoch in (1, 2, 3):
+        scheduler.on_trial_result(None, good, {"training_iteration": epoch, "objective": 0.5})
+    assert all(scheduler.on_trial_result(None, bad, {"training_iteration": epoch, "objective": 0.01}) == "CONTINUE"
+               for epoch in (1, 2))
 
 
 def trial(trial_id: str, number: int):

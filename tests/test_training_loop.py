@@ -6,7 +6,7 @@ import torch
 from robustune.config import ConfigError, TrainConfig
 from robustune.resolve import load_config
 from robustune.defense import StepResult
-from robustune.loop import NonFiniteLossError, TrainingLoop, learning_rate
+from robustune.loop import NonFiniteLossError, TrainingLoop, annealed_epoch, learning_rate
 
 from conftest import fashion_mnist_dir
 
@@ -27,6 +27,20 @@ def test_schedules():
     assert step == pytest.approx([0.1, 0.01, 0.001])
     cosine = [learning_rate(TrainConfig(lr=0.1, schedule="cosine"), s, total) for s in (0, 49, 99)]
     assert cosine[0] == pytest.approx(0.1, rel=1e-2) and cosine[1] == pytest.approx(0.05) and cosine[2] < 1e-9
+
+
+def test_trials_are_first_judged_where_the_learning_rate_has_fallen_to_half_its_peak():
+    cyclic = TrainConfig(lr=0.2, lr_peak_fraction=0.4)  # peak at 40%, half of it again at 70% of training
+    assert [annealed_epoch(cyclic, epochs) for epochs in (1, 3, 4, 10, 15)] == [1, 3, 3, 7, 11]
+    # Early epochs of the warm-up are below half the peak too; only the way down counts.
+    assert annealed_epoch(TrainConfig(lr=0.2, lr_peak_fraction=0.9), 10) == 10
+    cosine = TrainConfig(lr=0.1, schedule="cosine")  # half the peak at the middle
+    assert [annealed_epoch(cosine, epochs) for epochs in (2, 4, 10)] == [1, 2, 5]
+    multistep = TrainConfig(lr=0.1, schedule="multistep", milestones=[0.5, 0.75], lr_decay=0.1)
+    assert annealed_epoch(multistep, 10) == 6  # the first epoch that ends after the first drop
+    assert annealed_epoch(TrainConfig(schedule="constant"), 10) == 1  # never anneals: no epoch is fairer
+    gentle = TrainConfig(lr=0.1, schedule="multistep", milestones=[0.5], lr_decay=0.8)
+    assert annealed_epoch(gentle, 10) == 1
 
 
 def test_loop_learns_synthetic_and_records_metrics():

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--grid-points", type=int, default=3,
                         help="grid searcher: values per numeric knob (default 3; choices take all their values)")
     search.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="early stopping of trials")
+    search.add_argument("--grace-period", type=int, metavar="EPOCHS",
+                        help="ASHA: epochs before a trial can be stopped (default: the first epoch where the "
+                             "learning rate has fallen to half its peak, as the search's log says)")
     search.add_argument("--seed", type=int, default=0, help="searcher seed")
     search.add_argument("--no-default-point", action="store_true",
                         help="do not evaluate the defense's defaults as the first trial")
@@ -92,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     study = commands.add_parser(
         "study", help="run a study: tune and train several defenses the same way, evaluate, build the leaderboard",
         description="Run a study definition (YAML; default: the shipped default study, LAS-AT against PGD-AT tuned "
-                    "on LAS-AT's training compute plus tuned FGSM-RS, SLAT and FGSM-PGI, EAE fine-tuned from "
-                    "standard training, and standard training on Fashion-MNIST): searches on validation data, "
+                    "on LAS-AT's training compute, with tuned FGSM-RS and standard training as reference rows, on "
+                    "Fashion-MNIST, 3 seeds): searches on validation data, "
                     "final runs over the study's seeds, one fixed evaluation protocol on the test split, and the "
                     "leaderboard. Everything is logged under one MLflow parent run; an interrupted study continues "
                     "with --resume.",
@@ -211,7 +214,7 @@ def command_search(args: argparse.Namespace) -> int:
     settings = SearchSettings(defense=args.defense, samples=args.samples, max_concurrent=args.max_concurrent,
                               epochs=args.epochs, objective=args.objective, min_clean=args.min_clean,
                               seed=args.seed, searcher=args.searcher, grid_points=args.grid_points,
-                              scheduler=args.scheduler,
+                              scheduler=args.scheduler, grace_period=args.grace_period,
                               include_default=not args.no_default_point, space_file=args.space)
     with progress.showing(f"search {args.defense}") as shown:
         start_search(settings, raw_config(None, args.config, args.overrides), log=shown.log, refit=args.refit)

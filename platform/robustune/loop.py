@@ -66,6 +66,22 @@ def learning_rate(train: TrainConfig, step: int, total_steps: int) -> float:
     return train.lr
 
 
+def annealed_epoch(train: TrainConfig, epochs: int) -> int:
+    """The first epoch from whose end on the learning rate stays at most half its peak: the earliest epoch at
+    which trials can be ranked fairly. Before it, a model is judged mid-schedule at a high learning rate, where
+    a high-learning-rate config looks worst and often ends best (fast-AT's cyclic schedule over 4 epochs: the
+    rank correlation with the final validation PGD accuracy was 0.2 after epoch 1 and 0.6-0.8 after epoch 3,
+    benchmarks/RESULTS.md). 1 where the rate never falls to half (a constant schedule: no epoch is fairer)."""
+    at_epoch_end = [learning_rate(train, epoch - 1, epochs) for epoch in range(1, epochs + 1)]
+    low = [lr <= train.lr / 2 * (1 + 1e-9) for lr in at_epoch_end]  # exactly half counts, float error aside
+    if not low[-1]:
+        return 1
+    epoch = epochs
+    while epoch > 1 and low[epoch - 2]:
+        epoch -= 1
+    return epoch
+
+
 def fixed_slice(dataset: ArrayDataset, count: int, rank: int, world_size: int) -> tuple[Tensor, Tensor]:
     """The first `count` examples, this rank's share (every world_size-th); the same on every epoch."""
     count = min(count, len(dataset))

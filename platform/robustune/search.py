@@ -7,8 +7,9 @@ mostly its start-up points. `--searcher random` stays independent random points,
 Each Tune trial is one training run (`robustune.trials`: in the trial's own reused process for one worker,
 a TorchTrainer for several), its own MLflow child run under the search's parent run; every epoch is logged
 and checkpointed, then reported to Tune, so ASHA can stop a hopeless trial after any epoch without losing
-what it measured. Trials validate on the held-out split and never evaluate on test. A search folder holds
-everything needed to resume it:
+what it measured; by default its first rung is the first epoch where the learning rate has fallen to half its
+peak (`robustune.loop.annealed_epoch`), since a model judged earlier in a cyclic schedule ranks poorly. Trials
+validate on the held-out split and never evaluate on test. A search folder holds everything needed to resume it:
 
     <output_dir>/<search name>/
         search.json        settings, base config, MLflow parent run id
@@ -51,7 +52,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from robustune import progress
 from robustune.config import ConfigError, apply_override, merge
-from robustune.loop import describe_diagnosis, diagnosis
+from robustune.loop import annealed_epoch, describe_diagnosis, diagnosis
 from robustune.resolve import resolve_config
 from robustune.search_space import Distribution, check_samples_resolve, load_space, space_filling_points
 from robustune.run import run_id_of
@@ -81,7 +82,9 @@ class SearchSettings:
     searcher: Literal["tpe", "random", "grid"] = "tpe"
     grid_points: int = 3  # grid: values per uniform/loguniform/int knob (choices: all); samples = the grid's size
     scheduler: Literal["asha", "none"] = "asha"
-    grace_period: int = 1  # successive halving: epochs every trial gets before it can be stopped
+    # Successive halving: epochs every trial gets before it can be stopped. None: the first epoch where the
+    # learning-rate schedule has annealed (robustune.loop.annealed_epoch), as early as trials rank fairly.
+    grace_period: int | None = None
     reduction_factor: float = 2.0
     include_default: bool = True  # the defense's defaults are the first point evaluated
     space_file: str | None = None
@@ -102,7 +105,7 @@ class SearchSettings:
             raise ConfigError(f"searcher must be 'tpe', 'random' or 'grid', got {self.searcher!r}")
         if self.grid_points < 1:
             raise ConfigError(f"--grid-points must be >= 1, got {self.grid_points}")
-        if self.grace_period < 1 or self.reduction_factor <= 1:
+        if (self.grace_period is not None and self.grace_period < 1) or self.reduction_factor <= 1:
             raise ConfigError("ASHA needs grace_period >= 1 and reduction_factor > 1")
         if self.budget_s is not None and not self.budget_s > 0:
             raise ConfigError(f"the search's compute budget must be > 0 worker-seconds, got {self.budget_s}")
@@ -137,21 +140,25 @@ class SearchPlan(TrialPlan):
 class ComputeBudget(Stopper):
     """The search's compute budget: worker-seconds inside the trials' training epochs. A running trial stops at
     an epoch report (the way ASHA stops a trial) when its next epoch, as long as its last one, would overrun the
-    budget, and `SuggestionBatches` starts no new trial once a typical epoch no longer fits. So a search ends
-    under its budget, give or take the epoch that another trial has in progress at the time.
+    budget, and `SuggestionBatches` starts no trial that the budget would stop before it can be judged: one
+    starts only while `judged_epochs` typical epochs still fit (its first rung, or all its epochs when it has
+    none): epochs that no rung and no final result ever judge are spent for nothing. So a search ends under its
+    budget, give or take the epoch that another trial has in progress at the time.
     (Tune's stop_all would kill running trials mid-start and can leave their workers' resources reserved.)"""
 
-    def __init__(self, budget_s: float | None, workers: int):
-        self.budget_s, self.workers = budget_s, workers
+    def __init__(self, budget_s: float | None, workers: int, judged_epochs: int = 1):
+        self.budget_s, self.workers, self.judged_epochs = budget_s, workers, judged_epochs
         self.seconds: dict[str, float] = {}  # trial id -> its time/total_s so far
         self.last_epoch_s: dict[str, float] = {}  # trial id -> its last epoch's time/total_s increase
         self.stopped: set[str] = set()  # trials this budget stopped before they finished
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        total = max(self.seconds.get(trial_id, 0.0), float(result.get("time/total_s") or 0.0))
-        self.last_epoch_s[trial_id] = total - self.seconds.get(trial_id, 0.0)
+        previous = self.seconds.get(trial_id, 0.0)
+        total = max(previous, float(result.get("time/total_s") or 0.0))
+        if total > previous:  # Tune hands a trial's last report to the stopper twice: it is no 0-s epoch
+            self.last_epoch_s[trial_id] = total - previous
         self.seconds[trial_id] = total
-        stop = self._overrun(self.last_epoch_s[trial_id]) and not result.get("run_finished")
+        stop = self._overrun(self.last_epoch_s.get(trial_id, 0.0)) and not result.get("run_finished")
         if stop:
             self.stopped.add(trial_id)
         return stop
@@ -167,10 +174,11 @@ class ComputeBudget(Stopper):
     def _overrun(self, next_epoch_s: float) -> bool:
         return self.budget_s is not None and self.spent_s + next_epoch_s * self.workers > self.budget_s
 
-    def spent(self) -> bool:
-        """No room left for another typical epoch (the median of the epochs seen so far)."""
+    def fits_trials(self, count: int) -> bool:
+        """Room left for `count` more trials to reach the epoch where they are judged, in typical epochs (the
+        median of the epochs seen so far)."""
         epochs = sorted(self.last_epoch_s.values())
-        return self._overrun(epochs[len(epochs) // 2] if epochs else 0.0)
+        return not self._overrun(count * self.judged_epochs * (epochs[len(epochs) // 2] if epochs else 0.0))
 
     def stop_all(self) -> bool:
         return False
@@ -179,7 +187,8 @@ class ComputeBudget(Stopper):
 class SuggestionBatches(ConcurrencyLimiter):
     """The searcher, suggesting trials in batches of `batch_size` (the trials that run at once): trials
     1..batch_size, then the next batch once all of those finished, and so on; it is told a batch's results
-    together, in suggestion order, once the whole batch has finished. Nothing is suggested once `budget` is spent.
+    together, in suggestion order, once the whole batch has finished. Nothing is suggested once `budget` has no
+    room for another trial to reach the epoch where it is judged.
 
     Tune's plain ConcurrencyLimiter tells the searcher each result as it arrives and suggests the next trial at
     once, so what TPE suggested depended on which trial happened to finish first: the same search chose other
@@ -197,10 +206,11 @@ class SuggestionBatches(ConcurrencyLimiter):
         self.finished: dict[str, tuple[dict | None, bool]] = {}  # its finished trials: (result, error)
 
     def suggest(self, trial_id: str):
-        if self.budget.spent():
-            return Searcher.FINISHED
         if len(self.batch) == self.batch_size:
             return None  # the next batch is suggested once all of this one has finished
+        # A batch is suggested at once, before any of it has run: this trial and the batch's others, whole.
+        if not self.budget.fits_trials(len(self.batch) + 1):
+            return Searcher.FINISHED
         suggestion = self.searcher.suggest(trial_id)
         if suggestion not in (None, Searcher.FINISHED):
             self.batch.append(trial_id)
@@ -341,15 +351,39 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
     searcher = OptunaSearch(space={k: d.to_optuna() for k, d in space.items()}, metric=metric, mode=mode,
                             sampler=sampler, points_to_evaluate=start_points or None)
     batch_size = settings.max_concurrent
-    scheduler = (BatchedSuccessiveHalving("objective", max_t=epochs, grace_period=min(settings.grace_period, epochs),
-                                          reduction_factor=settings.reduction_factor, batch_size=batch_size)
-                 if settings.scheduler == "asha" else FIFOScheduler())
+    scheduler = FIFOScheduler()
+    if settings.scheduler == "asha":
+        scheduler = BatchedSuccessiveHalving("objective", max_t=epochs,
+                                             grace_period=first_judged_epoch(settings, base),
+                                             reduction_factor=settings.reduction_factor, batch_size=batch_size)
+        log(describe_rungs(sorted(scheduler.rungs), epochs, chosen=settings.grace_period is not None))
     searcher = SuggestionBatches(searcher, batch_size, settings.samples, budget)
     # reuse_actors: a one-worker trial runs in its actor, so the next trial skips the process start, the
     # imports, the dataset decoding and the MLflow store opening. The searcher limits the trials at once.
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=settings.samples,
                                   reuse_actors=True)
     return tune.Tuner(trial_trainable, tune_config=tune_config, run_config=run_config)
+
+
+def first_judged_epoch(settings: SearchSettings, base: dict[str, Any]) -> int:
+    """The epoch where a trial is first judged: ASHA's first rung (the grace period, by default the first epoch
+    where the learning rate has annealed), or its last epoch without ASHA."""
+    epochs = base["train"]["epochs"]
+    if settings.scheduler != "asha":
+        return epochs
+    return min(settings.grace_period or annealed_epoch(resolve_config(base).train, epochs), epochs)
+
+
+def describe_rungs(rungs: list[float], epochs: int, chosen: bool) -> str:
+    """The search log's line on where ASHA judges trials (`chosen`: the grace period was set, not derived)."""
+    why = "" if chosen else " (the learning rate has fallen to half its peak; an earlier epoch ranks configs poorly)"
+    if not rungs:
+        if chosen:
+            return f"ASHA: grace period of {epochs} epoch(s): every trial runs all {epochs}"
+        return (f"ASHA stops no trial early: the learning rate falls to half its peak only in the last of {epochs} "
+                "epochs, and an earlier epoch ranks configs poorly (set grace_period to judge earlier anyway)")
+    at = ", ".join(f"{rung:g}" for rung in rungs)
+    return f"ASHA judges trials after epoch(s) {at} of {epochs}{why}"
 
 
 def grid_values(space: dict[str, Distribution], points: int) -> dict[str, list[Any]]:
@@ -469,7 +503,7 @@ def _run(search_dir: Location, log: Callable[[str], None], restore: bool, refit:
     space = load_space(settings.defense, search_dir / "space.yaml")
     uri = base["tracking"]["tracking_uri"]
     started = time.time()
-    budget = ComputeBudget(settings.budget_s, base["resources"]["num_workers"])
+    budget = ComputeBudget(settings.budget_s, base["resources"]["num_workers"], first_judged_epoch(settings, base))
     if settings.budget_s is not None:
         log(f"search {search_name}: compute budget {settings.budget_s:.0f} worker-seconds of training epochs")
     shown = progress.current()
