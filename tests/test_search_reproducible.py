@@ -12,7 +12,7 @@ from ray.tune.search import Searcher
 
 from robustune.config import raw_config
 from robustune.search import (BatchedSuccessiveHalving, ComputeBudget, SearchSettings, SuggestionBatches,
-                              first_judged_epoch, summarize, what_varies)
+                              describe_rungs, first_judged_epoch, summarize, what_varies)
 
 
 class RecordingSearcher(Searcher):
@@ -66,9 +66,9 @@ def test_no_trial_starts_that_the_budget_would_stop_before_it_is_judged():
     for epoch in range(1, 5):
         budget("a", {"time/total_s": 10.0 * epoch})
         assert batches.suggest("c") is None  # while its batch runs: wait, however little budget is left
-    budget("b", {"time/total_s": 10.0})  # ASHA stopped b after its first epoch: 50 worker-s spent
+    budget("b", {"time/total_s": 10.0})  # b failed after its first epoch: 50 worker-s spent
     batches.on_trial_complete("a", {"objective": 0.5})
-    batches.on_trial_complete("b", {"objective": 0.1})
+    batches.on_trial_complete("b", None, error=True)
     assert batches.suggest("c") == {"n": 3}  # one whole trial of four 10-s epochs fits: 50 + 40 <= 100
     assert batches.suggest("d") is Searcher.FINISHED  # a second beside it would not: 50 + 80 > 100
 
@@ -84,8 +84,6 @@ def test_a_trial_is_judged_first_at_its_first_rung_or_else_at_its_end():
 
 
 def test_trials_with_no_fair_rung_before_their_end_all_run_whole():
-    from robustune.search import describe_rungs
-
     base = raw_config(None, None, ["method.name=fgsm_rs", "train.epochs=3"])  # half the peak only at epoch 3
     grace = first_judged_epoch(SearchSettings(defense="fgsm_rs"), base)
     scheduler = BatchedSuccessiveHalving("objective", max_t=3, grace_period=grace, reduction_factor=2, batch_size=1)
