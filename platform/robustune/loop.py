@@ -72,14 +72,10 @@ def annealed_epoch(train: TrainConfig, epochs: int) -> int:
     a high-learning-rate config looks worst and often ends best (fast-AT's cyclic schedule over 4 epochs: the
     rank correlation with the final validation PGD accuracy was 0.2 after epoch 1 and 0.6-0.8 after epoch 3,
     benchmarks/RESULTS.md). 1 where the rate never falls to half (a constant schedule: no epoch is fairer)."""
-    at_epoch_end = [learning_rate(train, epoch - 1, epochs) for epoch in range(1, epochs + 1)]
-    low = [lr <= train.lr / 2 * (1 + 1e-9) for lr in at_epoch_end]  # exactly half counts, float error aside
-    if not low[-1]:
-        return 1
-    epoch = epochs
-    while epoch > 1 and low[epoch - 2]:
-        epoch -= 1
-    return epoch
+    half = train.lr / 2 * (1 + 1e-9)  # exactly half counts, float error aside
+    last_high = max((epoch for epoch in range(1, epochs + 1) if learning_rate(train, epoch - 1, epochs) > half),
+                    default=0)
+    return 1 if last_high == epochs else last_high + 1
 
 
 def fixed_slice(dataset: ArrayDataset, count: int, rank: int, world_size: int) -> tuple[Tensor, Tensor]:
