@@ -70,3 +70,26 @@ def test_clamp_to_ball():
     x = torch.full((1, 1, 2, 2), 0.95)
     out = clamp_to_ball(x + 0.5, x, 0.1)
     assert torch.allclose(out, torch.ones_like(x))
+
+
+class CountingModel(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+def test_pgd_stops_at_the_first_iterate_that_fools_every_example_when_asked():
+    model = CountingModel(linear_model())
+    x, y = data(32)
+    x_adv = pgd(model, x, y, 1.0, alpha=0.2, steps=50, random_start=False, loss="cw", stop_when_all_fooled=True)
+    assert (model(x_adv).argmax(1) != y).all()
+    assert model.calls < 20  # far fewer than the 50 steps' gradients (+1 final check, +1 above)
+    # Where some example stays correctly classified, every step is taken: the same points as without stopping.
+    model.calls = 0
+    small = pgd(model, x, y, 0.01, alpha=0.005, steps=5, random_start=False, stop_when_all_fooled=True)
+    assert model.calls == 6 and (model(small).argmax(1) == y).any()
+    assert torch.equal(small, pgd(model, x, y, 0.01, alpha=0.005, steps=5, random_start=False))

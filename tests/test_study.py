@@ -21,6 +21,7 @@ import yaml
 from robustune.cli import main
 from robustune.config import ConfigError
 from robustune.study import load_study
+from robustune.study_state import StudyState
 
 from helpers import run_study_in_process
 
@@ -83,6 +84,8 @@ def test_seeds_study_tunes_every_seed_paper_defense_on_one_budget():
     ({"seeds": []}, "seeds must be a non-empty list"),
     ({"epsilon": 2.0}, "epsilon"),
     ({"evaluation": {"protocol": "quick", "pgd_steps": 7}}, "only applies to eval.protocol=custom"),
+    ({"evaluation": {"checks": "first"}}, "evaluation.checks must be true (gradient-masking checks on every model), "
+                                          "false or first_seed"),
     ({"search": {"sample": 3}}, "search: unknown key 'sample'"),
     ({"featured": "nobody"}, "featured: 'nobody'"),
     ({"name": None}, "missing key 'name'"),
@@ -135,6 +138,11 @@ def test_tiny_study_builds_a_complete_leaderboard(tiny_study):
         for key in ("clean", "pgd", "aa", "robust"):
             assert row[f"{key}_ci_low"] <= row[f"{key}_mean"] <= row[f"{key}_ci_high"], (row["defense"], key)
         assert row["points_per_seed"] == 64 and 0 <= row["val_pgd_mean"] <= 1
+    # evaluation.checks: first_seed: the gradient-masking checks ran on each defense's seed 0 model, and say so.
+    state = StudyState.load(tiny_study["dir"])
+    assert {(r.label, r.seed): r.evaluation["checks"] is not None for r in state.runs.values()} == {
+        (label, seed): seed == 0 for label in ("fgsm_rs", "fgsm (tuned)", "standard") for seed in (0, 1)}
+    assert "gradient-masking checks on the model of each defense's first seed" in text
     report = (folder / "report.html").read_text()  # the shareable report: one file, plots inside
     assert "<table" in report and "fgsm (tuned)" in report and report.count('src="data:image/png;base64,') == 2
     assert "name: tiny" in report  # the study definition
@@ -175,7 +183,6 @@ def test_the_driver_logs_each_evaluation_and_a_store_that_refuses_it_fails_the_e
 
     from robustune import tracking
     from robustune.study import Evaluations
-    from robustune.study_state import StudyState
 
     state = StudyState.load(tiny_study["dir"])
     record = dataclasses.replace(next(iter(state.runs.values())), run_dir=str(tmp_path / "run"))
@@ -314,7 +321,6 @@ def test_study_evaluates_runs_at_once_with_the_numbers_of_one_after_another(tiny
     from robustune.evaluate_run import evaluate_run
     from robustune.evaluation import read_outcomes
     from robustune.study import seed_evaluation, utilization
-    from robustune.study_state import StudyState
 
     state = StudyState.load(tiny_study["dir"])
     lines = tiny_study["lines"]
@@ -340,7 +346,6 @@ def test_study_evaluates_runs_at_once_with_the_numbers_of_one_after_another(tiny
 def test_untuned_runs_are_evaluated_while_the_search_runs(tiny_study):
     """Evaluations do not wait for stage 4: the untuned runs' evaluations start once stage 1 has trained them,
     before the tuned runs are retrained, and every evaluation is recorded once."""
-    from robustune.study_state import StudyState
 
     lines = tiny_study["lines"]
     retraining = next(i for i, line in enumerate(lines) if line.startswith("[study] stage 3/5"))
@@ -360,7 +365,6 @@ def test_a_study_interrupted_in_evaluation_keeps_the_evaluations_it_finished(tin
     """A study stopped with two evaluations to go: --resume evaluates just those two (AutoAttack resumed from
     their saved chunks), with the same numbers."""
     from robustune.study import resume_study
-    from robustune.study_state import StudyState
 
     state = StudyState.load(tiny_study["dir"])
     lost = ["fgsm_rs|0", "fgsm (tuned)|1"]  # not standard seed 1: test_evaluate_command counts its evaluations

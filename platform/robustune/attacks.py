@@ -71,12 +71,15 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, epsilon: float | Tensor, *, alp
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, epsilon: float | Tensor, *, alpha: float | Tensor, steps: int,
         restarts: int = 1, random_start: bool = True, loss: LossName = "ce",
-        steps_per_example: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        steps_per_example: Tensor | None = None, generator: torch.Generator | None = None,
+        stop_when_all_fooled: bool = False) -> Tensor:
     """Projected gradient ascent under L-infinity (Madry et al.).
 
     With several restarts, each example keeps the first restart's point that fools the model, else the
     point with the highest loss. `steps_per_example` (B,) stops each example after its own number of steps
-    (the loop runs to the batch maximum), which LAS-AT's per-image strategies need.
+    (the loop runs to the batch maximum), which LAS-AT's per-image strategies need. `stop_when_all_fooled`
+    ends a restart at the first iterate that fools every example (an attack whose question is whether it
+    can fool them all need not take its remaining steps).
     """
     if steps < 0 or restarts < 1:
         raise ValueError(f"pgd needs steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
@@ -88,7 +91,9 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, epsilon: float | Tensor, *, alph
     for _ in range(restarts):
         x_adv = uniform_start(x, epsilon, generator) if random_start else x.clone()
         for step in range(steps):
-            grad, _ = input_gradient(model, x_adv, y, loss)
+            grad, logits = input_gradient(model, x_adv, y, loss)
+            if stop_when_all_fooled and bool((logits.argmax(1) != y).all()):
+                break
             update = step_size * grad.sign()
             if steps_per_example is not None:
                 active = (steps_per_example > step).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))

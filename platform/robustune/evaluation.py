@@ -217,14 +217,15 @@ def _cuda_devices(device: torch.device) -> list[int]:
 
 # ----------------------------------------------------------------------------------------- phases
 def _pgd_robust(model: nn.Module, x: Tensor, y: Tensor, *, epsilon: float, alpha: float, steps: int, restarts: int,
-                loss: str, device: torch.device, seed: int, batch_size: int, random_start: bool = True) -> Tensor:
+                loss: str, device: torch.device, seed: int, batch_size: int, random_start: bool = True,
+                stop_when_all_fooled: bool = False) -> Tensor:
     """Per-example robust flags (N,) on the CPU under PGD (seeded, deterministic)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     flags = []
     for start, end in _batches(x.shape[0], batch_size):
         xb, yb = x[start:end].to(device), y[start:end].to(device)
         x_adv = pgd(model, xb, yb, epsilon, alpha=alpha, steps=steps, restarts=restarts, random_start=random_start,
-                    loss=loss, generator=generator)
+                    loss=loss, generator=generator, stop_when_all_fooled=stop_when_all_fooled)
         _check_adversarial(x_adv, xb, epsilon, f"PGD ({loss})")
         with torch.no_grad():
             flags.append((model(x_adv).argmax(1) == yb).cpu())
@@ -402,9 +403,10 @@ def _masking_checks(model: nn.Module, x: Tensor, y: Tensor, clean_correct: Tenso
     wide_eps = min(1.0, 2 * epsilon)
     wide = _pgd_robust(model, x, y, epsilon=wide_eps, alpha=ratio * wide_eps, steps=steps, restarts=1, loss="ce",
                        **common).float().mean().item()
-    # Unbounded: the whole image box, from the clean image (a random start could fool a model by itself).
+    # Unbounded: the whole image box, from the clean image (a random start could fool a model by itself). It asks
+    # whether the attack can fool ~every point, so a batch it has wholly fooled takes no further steps.
     unbounded = _pgd_robust(model, x, y, epsilon=1.0, alpha=0.02, steps=100, restarts=1, loss="cw",
-                            random_start=False, **common).float().mean().item()
+                            random_start=False, stop_when_all_fooled=True, **common).float().mean().item()
     square = _square_robust(model, x, y, clean_correct & whitebox, epsilon=epsilon, queries=protocol.square_queries,
                             n_classes=n_classes, device=device, seed=seed)
     black_box_only = int((whitebox & ~square).sum())

@@ -38,7 +38,7 @@ from typing import Any, Callable
 from robustune.html_report import write_html
 from robustune.stats import bootstrap_accuracy, paired_difference, verdict
 from robustune.storage import Location, location, read_parquet, staging
-from robustune.study_state import DEFINITION_FILE, RunRecord, StudyState, find_study_dir
+from robustune.study_state import DEFINITION_FILE, FIRST_SEED, RunRecord, StudyState, find_study_dir
 
 FOLDER = "leaderboard"
 HTML_FILE = "report.html"
@@ -451,7 +451,8 @@ def build(study_dir: str | Location, log: Callable[[str], None] = print,
               if evaluation.get("seed_slices", True) else "every seed on the same test points")
     notes = [f"Study `{state.instance}` ({study.source}); seeds {study.seeds}; "
              f"evaluation protocol {', '.join(protocols) or evaluation.get('protocol', 'quick')} "
-             f"({evaluation.get('points', 1000)} attacked points per seed, {slices}).",
+             f"({evaluation.get('points', 1000)} attacked points per seed, {slices}); "
+             f"gradient-masking checks {checked_models(evaluation)}.",
              "Accuracies: mean over seeds [95% interval: bootstrap over seeds, then test points within each seed; "
              "with one seed, the Wilson interval over its points]. `all attacks`: correct under every attack that "
              "ran, per point (the deployed number). `val PGD`: validation PGD accuracy at the selected epoch, "
@@ -485,6 +486,14 @@ def build(study_dir: str | Location, log: Callable[[str], None] = print,
     return rows
 
 
+def checked_models(evaluation: dict[str, Any]) -> str:
+    """Which models a study's gradient-masking checks ran on (its `evaluation.checks`)."""
+    checks = evaluation.get("checks", True)
+    if checks == FIRST_SEED:
+        return f"on the model of each defense's first seed (evaluation.checks: {FIRST_SEED})"
+    return "on every model" if checks else "off (evaluation.checks: false)"
+
+
 def protocol_text(rows: list[dict[str, Any]], evaluation: dict[str, Any]) -> str:
     """The evaluation settings as the study gave them, and the protocol versions its runs report."""
     protocols = sorted({r["protocol"] for r in rows if r["protocol"]})
@@ -493,7 +502,7 @@ def protocol_text(rows: list[dict[str, Any]], evaluation: dict[str, Any]) -> str
             f"study evaluation settings: {settings or 'defaults'}\n"
             "quick/1: PGD-20 (1 restart, step eps/4) and AutoAttack fast (APGD-CE, APGD-T) on the attacked points; "
             "full/1: PGD-50 x 10, CW-50 and AutoAttack standard on the whole test set; gradient-masking checks in "
-            "both (see robustune.evaluation)")
+            f"both (see robustune.evaluation), {checked_models(evaluation)}")
 
 
 # ------------------------------------------------------------------------------------------------ CLI

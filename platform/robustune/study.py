@@ -10,7 +10,8 @@ A study definition is YAML (`search_spaces/studies/<name>.yaml`; `default.yaml` 
     seeds: [0, 1]                 # every final run is repeated over these seeds
     base: {data: {train_subset: 4000}}    # any other run setting shared by every defense
     evaluation: {protocol: quick, points: 500, workers: 2}   # EvalConfig fields; points per seed: seed k is
-                                  # attacked on test points k*500..(k+1)*500 (seed_slices: false: all on the same)
+                                  # attacked on test points k*500..(k+1)*500 (seed_slices: false: all on the same);
+                                  # checks: true (every model), false, or first_seed (each defense's first seed)
     search: {samples: 4, epochs: 2}       # defaults of every searched defense
     featured: las_at              # the headline compares this entry with the best baseline at equal budget
     defenses:
@@ -55,7 +56,7 @@ from ray.tune import Callback
 from robustune import progress
 from robustune.config import ConfigError, EvalConfig, apply_override, build_dataclass, merge
 from robustune.resolve import resolve_config
-from robustune.study_state import (DEFINITION_FILE, Entry, RunRecord, SearchRecord, Study, StudyState,
+from robustune.study_state import (DEFINITION_FILE, FIRST_SEED, Entry, RunRecord, SearchRecord, Study, StudyState,
                                    is_study_dir)
 from robustune.run import FINAL_MODEL_FILE, finished_report, run_id_of
 from robustune.storage import Location, check_nodes_see, check_storage, location, output_root, ray_storage
@@ -120,9 +121,12 @@ def load_study(path: str | Path | None = None, overrides: list[str] | None = Non
     if "first_point" in evaluation:
         raise ConfigError(f"{where}: evaluation.first_point is set by the study (each seed's slice, see "
                           f"evaluation.{SEED_SLICES}); drop it")
+    checks = evaluation.get("checks", True)
+    if not (isinstance(checks, bool) or checks == FIRST_SEED):
+        raise ConfigError(f"{where}: evaluation.checks must be true (gradient-masking checks on every model), false "
+                          f"or {FIRST_SEED} (on each defense's first seed), got {checks!r}")
     try:
-        eval_config = build_dataclass(EvalConfig, {k: v for k, v in evaluation.items() if k != SEED_SLICES},
-                                      "evaluation")
+        eval_config = build_dataclass(EvalConfig, seed_evaluation_settings(evaluation, checked=True), "evaluation")
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from error
     test_points = base.get("data", {}).get("test_subset")
@@ -613,10 +617,20 @@ def seed_evaluation(study: Study, seed: int) -> dict[str, Any]:
     """The evaluation settings of one seed's runs. With seed slices (the default) seed k of the study is
     attacked on its own slice of the test set, points k*N to (k+1)*N, the same slice for every defense: the
     seeds together cover seeds x N points (so the rows' intervals narrow) and every comparison stays paired."""
-    settings = {k: v for k, v in study.evaluation.items() if k != SEED_SLICES}
+    settings = seed_evaluation_settings(study.evaluation, checked=seed == study.seeds[0])
     if study.evaluation.get(SEED_SLICES, True) and settings.get("protocol", "quick") != "full":
         points = settings.get("points", EvalConfig.points)
         settings["first_point"] = study.seeds.index(seed) * points
+    return settings
+
+
+def seed_evaluation_settings(evaluation: dict[str, Any], *, checked: bool) -> dict[str, Any]:
+    """The study's evaluation settings as EvalConfig fields, for a seed whose model is `checked` by the
+    gradient-masking checks when `checks: first_seed` (masking is a property of a defense's training, which every
+    seed shares, and the checks cost up to a third of an evaluation)."""
+    settings = {k: v for k, v in evaluation.items() if k != SEED_SLICES}
+    if settings.get("checks") == FIRST_SEED:
+        settings["checks"] = checked
     return settings
 
 

@@ -12,6 +12,8 @@ from typing import Any
 from robustune.config import apply_override, merge
 from robustune.storage import Location, location, output_root, write_atomic
 
+FIRST_SEED = "first_seed"  # evaluation.checks: gradient-masking checks on each defense's first seed's model only
+
 STUDY_FILE = "study.json"
 DEFINITION_FILE = "study.yaml"
 
