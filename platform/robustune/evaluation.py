@@ -9,9 +9,10 @@ Protocols (like AutoAttack's versions, each fixes every setting so numbers compa
               "standard" (APGD-CE, APGD-T, FAB-T, Square) on the whole test set
     custom    the attack fields of EvalConfig (reports say "custom"; leaderboards mark it)
 
-Every evaluation also runs gradient-masking checks on the first `check_points` attacked examples: more PGD
-steps must not raise accuracy, a larger epsilon must not raise accuracy, an unbounded attack must fool ~every
-point, and black-box Square must not fool points that every white-box attack left robust. pyautoattack's own
+Every evaluation also runs gradient-masking checks on the first `check_points` attacked examples (unless
+`eval.checks` is off; a study can keep them to each defense's first seed): more PGD steps must not raise
+accuracy, a larger epsilon must not raise accuracy, an unbounded attack must fool ~every point (it stops once it
+has), and black-box Square must not fool points that every white-box attack left robust. pyautoattack's own
 checks are collected too. Each failure is a line in `warnings` (and the `eval/warning` MLflow tag).
 
 AutoAttack runs in fixed chunks of `batch_size` points: each chunk goes through the attacks in turn, every
