@@ -500,9 +500,9 @@ def protocol_text(rows: list[dict[str, Any]], evaluation: dict[str, Any]) -> str
     settings = ", ".join(f"{key}: {value}" for key, value in sorted(evaluation.items()))
     return (f"protocol version(s) in the reports: {', '.join(protocols) or 'none'}\n"
             f"study evaluation settings: {settings or 'defaults'}\n"
-            "quick/1: PGD-20 (1 restart, step eps/4) and AutoAttack fast (APGD-CE, APGD-T) on the attacked points; "
-            "full/1: PGD-50 x 10, CW-50 and AutoAttack standard on the whole test set; gradient-masking checks in "
-            f"both (see robustune.evaluation), {checked_models(evaluation)}")
+            "quick/1: PGD-20 (1 restart, step eps/4) and AutoAttack fast (APGD-CE, APGD-T) on the attacked points\n"
+            "full/1: PGD-50 x 10, CW-50 and AutoAttack standard on the whole test set\n"
+            f"gradient-masking checks (see robustune.evaluation) {checked_models(evaluation)}")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
