@@ -29,6 +29,19 @@ def snapshot(module):
     return [p.detach().clone() for p in module.parameters()]
 
 
+class CountingModel(torch.nn.Module):
+    """Wraps a model, counting its forward calls and the images they saw."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls, self.images = model, 0, 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.images += x.shape[0]
+        return self.model(x)
+
+
 def stop_group(process: subprocess.Popen) -> None:
     """End a process this test started, with its group (never anything else)."""
     if process.poll() is None:

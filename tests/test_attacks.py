@@ -3,6 +3,8 @@ from torch import nn
 
 from robustune.attacks import clamp_to_ball, fgsm, margin_loss, pgd
 
+from helpers import CountingModel
+
 
 def linear_model(seed=0):
     torch.manual_seed(seed)
@@ -70,16 +72,6 @@ def test_clamp_to_ball():
     x = torch.full((1, 1, 2, 2), 0.95)
     out = clamp_to_ball(x + 0.5, x, 0.1)
     assert torch.allclose(out, torch.ones_like(x))
-
-
-class CountingModel(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.calls = model, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.model(x)
 
 
 def test_pgd_stops_at_the_first_iterate_that_fools_every_example_when_asked():

@@ -15,7 +15,7 @@ from robustune.defense import Cost, DefenseContext, create_defense
 from robustune.models import create_model
 from robustune.loop import TrainingLoop
 from robustune.methods.las_at import sized_policy_schedule, smoothed_cross_entropy, strategy_pgd
-from helpers import sgd_update, snapshot
+from helpers import CountingModel, sgd_update, snapshot
 
 EPS = 0.1
 # Small settings so a policy update is cheap in tests.
@@ -41,17 +41,6 @@ def make(params=None, epsilon=EPS, batch=16, seed=0, steps_per_epoch=1, epochs=1
 
 def changed(before, module):
     return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
-
-
-class CountingModel(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.calls, self.images = model, 0, 0
-
-    def forward(self, x):
-        self.calls += 1
-        self.images += x.shape[0]
-        return self.model(x)
 
 
 # ------------------------------------------------------------------------------------- per-image PGD
