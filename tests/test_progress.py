@@ -123,3 +123,41 @@ def test_showing_makes_the_display_current_for_the_callbacks_and_restores_it():
     with progress.showing("search", stream=io.StringIO(), live=False) as shown:
         assert progress.current() is shown
     assert progress.current() is before
+
+
+def test_a_stage_that_ranks_nothing_shows_no_best():
+    terminal = FakeTerminal()
+    shown = Progress("study", stream=terminal)
+    shown.start()
+    shown.stage(4, 5, "evaluation on the test split", units=12, kind="evaluation", at_once=2, ranked=False)
+    assert "best" not in shown.status_line()
+    shown.refresh()
+    shown.stage(3, 5, "tuned defenses retrained", units=6, kind="run", at_once=2)
+    assert "best -;" in shown.status_line()  # runs rank by validation accuracy: none finished yet
+    shown.close()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal.getvalue())
+    assert "0/12 evaluations done" in text
+
+
+def test_units_measured_beside_earlier_stages_give_the_estimate_when_their_stage_begins():
+    shown = Progress("study", stream=io.StringIO(), live=False)
+    shown.stage(3, 5, "runs", units=2, kind="run", at_once=2)
+    shown.measured("evaluation", 30.0)  # evaluations that ran beside the training stages
+    shown.measured("evaluation", 50.0)
+    shown.stage(4, 5, "evaluation", units=6, kind="evaluation", at_once=2, done=2, ranked=False)
+    assert shown.time_left() == 4 * 40.0 / 2
+
+
+def test_a_budget_counts_only_the_units_it_still_pays_for_and_is_shown():
+    shown = Progress("study", stream=io.StringIO(), live=False)
+    shown.stage(2, 5, "search for pgd", units=12, kind="trial", at_once=2)
+    shown.budget(0.0, 52.0, None)  # nothing measured yet: 12 is all that is known
+    assert "0/12 trials done, 0 running, 12 queued; compute budget 0 of 52 worker-s spent;" in shown.status_line()
+    shown.unit_started("a")
+    shown.unit_started("b")
+    shown.budget(16.0, 52.0, 3)  # the rest pays for 3 trials, a and b included
+    shown.durations = {"trial": [40.0]}
+    assert "0/12 trials done, 2 running, 1 queued; compute budget 16 of 52 worker-s spent;" in shown.status_line()
+    assert shown.stage_now.expected == 3  # the progress bar fills at the trials the budget pays for
+    shown.stage_now.running = {"a": time.time(), "b": time.time()}
+    assert 55 <= shown.time_left() <= 60  # a and b (40 s), then one more trial in a free slot (40 / 2)

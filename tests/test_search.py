@@ -159,6 +159,7 @@ def test_compute_budget_stops_a_trial_before_its_next_epoch_would_overrun():
     assert budget("b", {"time/total_s": 2.0}) is False  # spent 10, b's next 4 -> 14
     assert budget.fits_trials(1)  # a typical epoch (the upper median of 6 and 4 worker-s) still fits: 10 + 6 <= 20
     assert not budget.fits_trials(2)  # two would not: 10 + 12 > 20
+    assert budget.trials_affordable() == 1  # what the progress display counts as still to come
     assert budget("a", {"time/total_s": 6.0}) is True  # spent 16, a's next 6 -> 22 > 20: stop a now
     assert budget.spent_s == 16.0 and not budget.fits_trials(1)  # and start no new trial
     assert budget("b", {"time/total_s": 3.0}) is False  # spent 18, b's next 2 -> 20: fits exactly
@@ -170,6 +171,27 @@ def test_compute_budget_stops_a_trial_before_its_next_epoch_would_overrun():
     assert judged.last_epoch_s == {"a": 10.0} and not judged.fits_trials(1)  # 20 + 2 x 10 > 30
     unlimited = ComputeBudget(budget_s=None, workers=1)
     assert unlimited("a", {"time/total_s": 1e9}) is False and unlimited.fits_trials(100)
+    assert unlimited.trials_affordable() is None
+
+
+def test_compute_budget_tells_the_progress_display_what_is_spent_and_what_the_rest_pays_for():
+    import io
+
+    from robustune import progress
+    from robustune.search import ComputeBudget
+
+    with progress.showing("search pgd", stream=io.StringIO(), live=False) as shown:
+        shown.stage(1, 1, "search pgd", units=12, kind="trial", at_once=2)
+        budget = ComputeBudget(budget_s=60.0, workers=1, judged_epochs=3)
+        assert budget.trials_affordable() is None  # no epoch measured: only the upper bound, 12, is known
+        budget("a", {"time/total_s": 8.0})
+        budget("b", {"time/total_s": 8.0})
+        # 16 of 60 spent; a trial costs 3 epochs of 8 s: the rest pays for 1 more beyond a and b's whole cost
+        assert budget.trials_affordable() == 1
+        shown.unit_started("a")
+        shown.unit_started("b")
+        line = shown.status_line()
+    assert "0/12 trials done, 2 running, 0 queued; compute budget 16 of 60 worker-s spent;" in line
 
 
 def test_grid_values_are_even_inside_the_range_and_cover_choices():

@@ -2,7 +2,8 @@
 
 On a terminal: one live display (rich) below the event lines: the stage (k of n), the stage's runs, trials or
 evaluations done / running / queued, work running beside the stage (a study's evaluations of runs trained in
-an earlier stage, which hold slots too), the best objective so far, elapsed time and the estimated time left.
+an earlier stage, which hold slots too), a search's compute budget and what of it is spent, the best objective
+so far (in stages that rank what they run), elapsed time and the estimated time left.
 Anywhere else (CI, `ray job submit` logs, a file): the same facts as one plain `[progress]` line at a steady
 rate (`ROBUSTUNE_PROGRESS_S`, default 30 s), no escape codes. Event lines (a run finished, a stage started)
 are printed as they happen, in both cases through `Progress.log`.
@@ -10,8 +11,9 @@ are printed as they happen, in both cases through `Progress.log`.
 The estimate: every finished unit (a training run, a search trial, an evaluation) records its wall time under
 its kind; the time left is the units not yet finished, in this stage and in the stages announced with
 `plan()`, times the mean wall time of their kind (a later stage's kind not measured yet: of every kind), over
-the units of that stage that run at once. It is printed with "~", and only once a unit of the current stage's
-kind has finished.
+the units of that stage that run at once. Units that ran beside a stage count too (`measured`). Under a compute
+budget the stage's queued units are only those the rest of the budget pays for (`budget`). It is printed with
+"~", and only once a unit of the current stage's kind has finished.
 
 A study's or search's code reaches the display through `current()`: Tune callbacks are pickled with the
 experiment, so they hold no reference to it. Nothing here knows about runs, searches or studies.
@@ -48,14 +50,26 @@ class Stage:
     units: int  # how many runs / trials / evaluations this stage has
     kind: str  # "run", "trial", "evaluation", ...: units of one kind take about as long
     at_once: int = 1  # units that run at the same time
+    ranked: bool = True  # its units have an objective, so a best one (evaluations and a leaderboard do not)
     started: float = field(default_factory=time.time)
     running: dict[str, float] = field(default_factory=dict)  # unit -> when it started
     done: int = 0
     failed: int = 0
+    budget_s: float | None = None  # a search's compute budget, worker-seconds
+    spent_s: float = 0.0
+    affordable: int | None = None  # units the rest of the budget pays for, running ones included; None: not known
 
     @property
     def queued(self) -> int:
-        return max(0, self.units - self.done - self.failed - len(self.running))
+        queued = max(0, self.units - self.done - self.failed - len(self.running))
+        if self.affordable is not None:  # `units` is an upper bound; the budget ends the stage first
+            queued = min(queued, max(0, self.affordable - len(self.running)))
+        return queued
+
+    @property
+    def expected(self) -> int:
+        """The units this stage will have run: `units`, or fewer where a budget ends it first."""
+        return self.done + self.failed + len(self.running) + self.queued
 
 
 class Progress:
@@ -87,10 +101,11 @@ class Progress:
             self.later = list(later)
 
     def stage(self, number: int, of: int, name: str, units: int, kind: str, at_once: int = 1,
-              done: int = 0) -> None:
-        """A stage begins: `units` of `kind`, `at_once` at a time; `done` of them finished before (a resume)."""
+              done: int = 0, ranked: bool = True) -> None:
+        """A stage begins: `units` of `kind`, `at_once` at a time; `done` of them finished before (a resume).
+        `ranked`: its units report an objective, and the best so far is shown."""
         with self.lock:
-            self.stage_now = Stage(number, of, name, units, kind, max(1, at_once), done=done)
+            self.stage_now = Stage(number, of, name, units, kind, max(1, at_once), ranked=ranked, done=done)
             self.best_text = None
         self.refresh()
 
@@ -114,11 +129,18 @@ class Progress:
                 stage.failed += 1
         self.refresh()
 
-    def units(self, units: int) -> None:
-        """A stage learned its size late (e.g. a search's budget stopped it early)."""
+    def measured(self, kind: str, seconds: float) -> None:
+        """A unit of `kind` that ran beside the stage (not one of its own) took `seconds`: for the estimate."""
+        with self.lock:
+            self.durations.setdefault(kind, []).append(seconds)
+
+    def budget(self, spent_s: float, budget_s: float, affordable: int | None) -> None:
+        """The stage runs on a compute budget of `budget_s` worker-seconds, `spent_s` of them spent so far, and
+        the rest pays for `affordable` units (running ones included; None while not known)."""
         with self.lock:
             if self.stage_now is not None:
-                self.stage_now.units = units
+                self.stage_now.budget_s, self.stage_now.spent_s = budget_s, spent_s
+                self.stage_now.affordable = affordable
         self.refresh()
 
     def beside(self, kind: str, running: int) -> None:
@@ -131,6 +153,12 @@ class Progress:
     def _beside_text(self) -> str:
         return ", ".join(f"{n} {kind}{'s' if n > 1 else ''} running beside it"
                          for kind, n in self.alongside.items() if n > 0)
+
+    @staticmethod
+    def _budget_text(stage: Stage) -> str:
+        if stage.budget_s is None:
+            return ""
+        return f"compute budget {stage.spent_s:.0f} of {stage.budget_s:.0f} worker-s spent"
 
     def best(self, text: str | None) -> None:
         with self.lock:
@@ -177,12 +205,13 @@ class Progress:
                 return f"[progress] {self.title}: starting; {elapsed} elapsed"
             counts = (f"{stage.done}/{stage.units} {stage.kind}s done, {len(stage.running)} running, "
                       f"{stage.queued} queued" + (f", {stage.failed} failed" if stage.failed else ""))
-            beside = self._beside_text()
-            if beside:
-                counts += f"; {beside}"
+            for extra in (self._beside_text(), self._budget_text(stage)):
+                if extra:
+                    counts += f"; {extra}"
+            best = f"best {self.best_text or '-'}; " if stage.ranked else ""
             left = self.time_left()
-            return (f"[progress] {self.title} stage {stage.number}/{stage.of} {stage.name}: {counts}; "
-                    f"best {self.best_text or '-'}; {elapsed} elapsed, "
+            return (f"[progress] {self.title} stage {stage.number}/{stage.of} {stage.name}: {counts}; {best}"
+                    f"{elapsed} elapsed, "
                     + (f"~{format_duration(left)} left" if left is not None else "time left not known yet"))
 
     # ------------------------------------------------------------------------------------------ showing
@@ -236,14 +265,16 @@ class Progress:
                 return Text(f"{self.title}: starting · {timing}", style="bold")
             head = Text.assemble((f"{self.title} ", "bold"), (f"stage {stage.number}/{stage.of} ", "cyan"),
                                  (stage.name, "bold"))
-            beside = self._beside_text()
+            extras = "".join(f" · {extra}" for extra in (self._beside_text(), self._budget_text(stage)) if extra)
             row = Table.grid(padding=(0, 1))
-            row.add_row(ProgressBar(total=max(stage.units, 1), completed=stage.done + stage.failed, width=30),
+            row.add_row(ProgressBar(total=max(stage.expected, 1), completed=stage.done + stage.failed, width=30),
                         Text(f"{stage.done}/{stage.units} {stage.kind}s done · {len(stage.running)} running · "
                              f"{stage.queued} queued" + (f" · {stage.failed} failed" if stage.failed else "")
-                             + (f" · {beside}" if beside else "")))
-            best = Text(f"best {self.best_text}" if self.best_text else "best -", style="green")
-            return Group(head, row, best, Text(timing, style="dim"))
+                             + extras))
+            lines = [head, row]
+            if stage.ranked:
+                lines.append(Text(f"best {self.best_text}" if self.best_text else "best -", style="green"))
+            return Group(*lines, Text(timing, style="dim"))
 
 
 class _Silent(Progress):

@@ -161,6 +161,8 @@ class ComputeBudget(Stopper):
         stop = self._overrun(self.last_epoch_s.get(trial_id, 0.0)) and not result.get("run_finished")
         if stop:
             self.stopped.add(trial_id)
+        if self.budget_s is not None:  # the stopper runs in the driver, where the display is
+            progress.current().budget(self.spent_s, self.budget_s, self.trials_affordable())
         return stop
 
     def stop_reason(self, trial_id: str) -> str:
@@ -174,11 +176,22 @@ class ComputeBudget(Stopper):
     def _overrun(self, next_epoch_s: float) -> bool:
         return self.budget_s is not None and self.spent_s + next_epoch_s * self.workers > self.budget_s
 
-    def fits_trials(self, count: int) -> bool:
-        """Room left for `count` more trials to reach the epoch where they are judged, in typical epochs (the
-        median of the epochs seen so far)."""
+    def _typical_epoch_s(self) -> float:
+        """The median of the epochs seen so far (0 before any)."""
         epochs = sorted(self.last_epoch_s.values())
-        return not self._overrun(count * self.judged_epochs * (epochs[len(epochs) // 2] if epochs else 0.0))
+        return epochs[len(epochs) // 2] if epochs else 0.0
+
+    def fits_trials(self, count: int) -> bool:
+        """Room left for `count` more trials to reach the epoch where they are judged, in typical epochs."""
+        return not self._overrun(count * self.judged_epochs * self._typical_epoch_s())
+
+    def trials_affordable(self) -> int | None:
+        """The most trials for which `fits_trials` holds (None before an epoch was measured, or without a
+        budget): what the search can still start, counting those of the current batch."""
+        trial_s = self.judged_epochs * self._typical_epoch_s() * self.workers
+        if self.budget_s is None or trial_s <= 0:
+            return None
+        return max(0, int((self.budget_s - self.spent_s) // trial_s))
 
     def stop_all(self) -> bool:
         return False
@@ -509,6 +522,8 @@ def _run(search_dir: Location, log: Callable[[str], None], restore: bool, refit:
     shown = progress.current()
     number, of, name = stage or (1, 2 if refit else 1, f"search {settings.defense}")
     shown.stage(number, of, name, units=settings.samples, kind="trial", at_once=settings.max_concurrent or 1)
+    if settings.budget_s is not None:
+        shown.budget(budget.spent_s, settings.budget_s, budget.trials_affordable())
     tuner = _make_tuner(settings, space, base, search_dir, parent_run_id, search_name, log, restore, budget,
                         callbacks)
     results = tuner.fit()
@@ -545,7 +560,7 @@ def _run(search_dir: Location, log: Callable[[str], None], restore: bool, refit:
     (search_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     log(format_summary(summary, table))
     if refit and best:
-        shown.stage(2, 2, "refit of the best config", units=1, kind="run")
+        shown.stage(2, 2, "refit of the best config", units=1, kind="run", ranked=False)
         summary["refit"] = refit_best(summary, log)
     elif refit:
         log(f"no refit: the search named no winner ({summary['no_winner']})")

@@ -302,21 +302,25 @@ def run_stages(study_dir: Location, log: Callable[[str], None],
     tuned = [e for e in study.entries if e.tune]
     # What is still to come after each stage, for the display's estimate of the time left.
     searches = [(int(e.search.get("samples", 8)), "trial", slots) for e in tuned]
-    testing = (len(study.entries) * seeds, "evaluation", slots)
+
+    def testing() -> tuple[int, str, int]:  # the evaluations not done yet (some run beside the training stages)
+        done = sum(r.evaluation is not None for r in state.runs.values())
+        return len(study.entries) * seeds - done, "evaluation", slots
+
     try:
         evaluations.poll(force=True)  # a resumed study's trained runs still to evaluate
-        shown.plan([*searches, (len(tuned) * seeds, "run", slots), testing])
+        shown.plan([*searches, (len(tuned) * seeds, "run", slots), testing()])
         _train_final_runs(state, untuned, {}, log,
                           stage=(1, f"{len(untuned)} untuned defense(s) x {seeds} seed(s)"))
         for index, entry in enumerate(tuned):
             evaluations.poll(force=True)
-            shown.plan(searches[index + 1:] + [(len(tuned) * seeds, "run", slots), testing])
+            shown.plan(searches[index + 1:] + [(len(tuned) * seeds, "run", slots), testing()])
             log(f"[study] stage 2/5: search for {entry.label}")
             _search(state, entry, log, stage=(2, 5, f"search for {entry.label} ({index + 1} of {len(tuned)})"))
         evaluations.poll(force=True)
         lost = {e.label: reason for e in tuned if (reason := no_winner(state.searches[e.label].search_dir))}
         tuned = [e for e in tuned if e.label not in lost]
-        shown.plan([testing])
+        shown.plan([testing()])
         for label, reason in lost.items():
             log(f"[study] {label} FAILED: its search named no winner ({reason}); not retrained, no leaderboard "
                 "numbers")
@@ -328,14 +332,14 @@ def run_stages(study_dir: Location, log: Callable[[str], None],
         shown.plan([])
         log("[study] stage 4/5: evaluation on the test split")
         shown.stage(4, 5, "evaluation on the test split", units=len(state.runs), kind="evaluation",
-                    at_once=slots, done=sum(r.evaluation is not None for r in state.runs.values()))
+                    at_once=slots, done=sum(r.evaluation is not None for r in state.runs.values()), ranked=False)
         evaluations.finish()
         state.wall_s += time.time() - started
         started = time.time()
         usage = utilization(state)
         state.save()
         log("[study] stage 5/5: leaderboard")
-        shown.stage(5, 5, "leaderboard", units=1, kind="leaderboard")
+        shown.stage(5, 5, "leaderboard", units=1, kind="leaderboard", ranked=False)
         table = leaderboard.build(study_dir, log=log)
     except BaseException:
         evaluations.cancel()
@@ -755,6 +759,8 @@ class Evaluations:
         self.state.save()
         if self.counted:
             progress.current().unit_finished(name)
+        else:  # beside a training stage: not its unit, but its time tells stage 4's estimate
+            progress.current().measured("evaluation", record.evaluation_s)
         self.log(f"[study] {name} evaluated: {evaluation_line(record.evaluation)} ({record.evaluation_s:.0f}s)")
 
     def _log_to_mlflow(self, record: RunRecord, report: dict[str, Any], name: str) -> bool:
