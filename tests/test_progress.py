@@ -142,8 +142,11 @@ def test_a_stage_that_ranks_nothing_shows_no_best():
 def test_units_measured_beside_earlier_stages_give_the_estimate_when_their_stage_begins():
     shown = Progress("study", stream=io.StringIO(), live=False)
     shown.stage(3, 5, "runs", units=2, kind="run", at_once=2)
+    shown.plan([(6, "evaluation", 2)])
     shown.measured("evaluation", 30.0)  # evaluations that ran beside the training stages
     shown.measured("evaluation", 50.0)
+    assert shown.later == [(4, "evaluation", 2)]  # two fewer still to come
+    shown.plan([])  # as a study does: the evaluation stage is the last one planned
     shown.stage(4, 5, "evaluation", units=6, kind="evaluation", at_once=2, done=2, ranked=False)
     assert shown.time_left() == 4 * 40.0 / 2
 

@@ -130,9 +130,14 @@ class Progress:
         self.refresh()
 
     def measured(self, kind: str, seconds: float) -> None:
-        """A unit of `kind` that ran beside the stage (not one of its own) took `seconds`: for the estimate."""
+        """A unit of `kind` that ran beside the stage (not one of its own) took `seconds`: for the estimate, in
+        which the first stage still to come with units of that kind now has one fewer."""
         with self.lock:
             self.durations.setdefault(kind, []).append(seconds)
+            for index, (units, later_kind, at_once) in enumerate(self.later):
+                if later_kind == kind and units > 0:
+                    self.later[index] = (units - 1, later_kind, at_once)
+                    break
 
     def budget(self, spent_s: float, budget_s: float, affordable: int | None) -> None:
         """The stage runs on a compute budget of `budget_s` worker-seconds, `spent_s` of them spent so far, and
