@@ -186,7 +186,8 @@ def test_compute_budget_tells_the_progress_display_what_is_spent_and_what_the_re
         assert budget.trials_affordable() is None  # no epoch measured: only the upper bound, 12, is known
         budget("a", {"time/total_s": 8.0})
         budget("b", {"time/total_s": 8.0})
-        # 16 of 60 spent; a trial costs 3 epochs of 8 s: the rest pays for 1 more beyond a and b's whole cost
+        # 16 of 60 spent; a whole trial costs 3 epochs of 8 s, and the rest (44) pays for 1, counted as when
+        # trials are suggested: the batch's running ones whole. With a and b running, none is queued.
         assert budget.trials_affordable() == 1
         shown.unit_started("a")
         shown.unit_started("b")
