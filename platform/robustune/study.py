@@ -303,9 +303,11 @@ def run_stages(study_dir: Location, log: Callable[[str], None],
     # What is still to come after each stage, for the display's estimate of the time left.
     searches = [(int(e.search.get("samples", 8)), "trial", slots) for e in tuned]
 
-    def testing() -> tuple[int, str, int]:  # the evaluations not done yet (some run beside the training stages)
-        done = sum(r.evaluation is not None for r in state.runs.values())
-        return len(study.entries) * seeds - done, "evaluation", slots
+    def evaluated() -> int:  # evaluations done (some run beside the training stages, or before a resume)
+        return sum(r.evaluation is not None for r in state.runs.values())
+
+    def testing() -> tuple[int, str, int]:  # the evaluations still to do
+        return len(study.entries) * seeds - evaluated(), "evaluation", slots
 
     try:
         evaluations.poll(force=True)  # a resumed study's trained runs still to evaluate
@@ -332,7 +334,7 @@ def run_stages(study_dir: Location, log: Callable[[str], None],
         shown.plan([])
         log("[study] stage 4/5: evaluation on the test split")
         shown.stage(4, 5, "evaluation on the test split", units=len(state.runs), kind="evaluation",
-                    at_once=slots, done=sum(r.evaluation is not None for r in state.runs.values()), ranked=False)
+                    at_once=slots, done=evaluated(), ranked=False)
         evaluations.finish()
         state.wall_s += time.time() - started
         started = time.time()
