@@ -146,3 +146,106 @@ def test_search_efficiency_re_measures_every_winner_with_fresh_seeds(tmp_path):
     points = dict(part.split(": ", 1) for part in text.split("best points: ", 1)[1].splitlines()[0].split("; "))
     if points["grid seed 0"] == points["TPE + ASHA seed 0"]:  # the same config is measured once, so alike
         assert tpe[8] == grid[8]
+
+
+def landscape_results(path: Path, value, seed_offsets=(0.01, -0.01), points: int = 3) -> Path:
+    """A grid x seeds results.parquet over FGSM-RS's shipped space, as robustune's grid search writes it:
+    `value(alpha, lr)` at every point, plus each seed's offset."""
+    import pandas as pd
+
+    from robustune.search_space import load_space
+
+    space = load_space("fgsm_rs")
+    rows = [{"param.method.alpha_ratio": alpha, "param.train.lr": lr, "param.seed": seed,
+             "best.objective": value(alpha, lr) + offset}
+            for alpha in space["method.alpha_ratio"].grid(points) for lr in space["train.lr"].grid(points)
+            for seed, offset in enumerate(seed_offsets)]
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def load_landscape_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("search_landscape", REPO / "benchmarks" / "search_landscape.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_search_landscape_interpolates_the_seed_means_and_measures_their_spread(tmp_path):
+    import math
+
+    import pandas as pd
+
+    from robustune.search_space import load_space
+
+    module = load_landscape_module()
+    # Rising with log lr (0.3 at lr 0.01 to 0.5 at lr 0.3) and flat in alpha; seeds at +-1 point of the mean.
+    results = landscape_results(tmp_path / "results.parquet", lambda alpha, lr: 0.3 + 0.2 * math.log(lr / 0.01)
+                                / math.log(30))
+    landscape = module.Landscape(pd.read_parquet(results), load_space("fgsm_rs"))
+    assert landscape.seeds == 2 and landscape.mean.shape == (3, 3)
+    # Residuals of 1 point from a 2-seed mean: sd = 1.4826 x 0.01 x sqrt(2).
+    assert landscape.noise_sd == pytest.approx(1.4826 * 0.01 * math.sqrt(2))
+    best, where = landscape.best()
+    assert best == pytest.approx(0.5) and where["train.lr"] == pytest.approx(0.3)
+    # Linear on the log scale for a log-uniform knob: halfway in log lr between 0.01 and 0.3 is 0.4.
+    assert landscape.value({"method.alpha_ratio": 0.8, "train.lr": math.sqrt(0.01 * 0.3)}) == pytest.approx(0.4)
+    # Beyond the measured range: the edge's value, not an extrapolation.
+    assert landscape.value({"method.alpha_ratio": 2.0, "train.lr": 0.3}) == pytest.approx(0.5)
+
+    # The reference grid on a noiseless landscape chooses the top learning rate; no search can beat it.
+    noiseless = module.Landscape(pd.read_parquet(landscape_results(
+        tmp_path / "flat.parquet", lambda alpha, lr: 0.3 + 0.2 * math.log(lr / 0.01) / math.log(30), (0.0, 0.0))),
+        load_space("fgsm_rs"))
+    assert noiseless.noise_sd == 0 and module.reference_grid(noiseless, 4, 0) == pytest.approx(0.5)
+
+
+def test_search_landscape_replays_the_shipped_searchers_and_refuses_a_broken_landscape(tmp_path):
+    import math
+
+    results = landscape_results(tmp_path / "results.parquet", lambda alpha, lr: 0.3 + 0.2 * math.log(lr / 0.01)
+                                / math.log(30), (0.0, 0.0))
+    out = tmp_path / "landscape.md"
+    result = bench("search_landscape.py", "--landscape", str(results), "--trials", "2", "6", "--replays", "3",
+                   "--searchers", "tpe", "random", "--markdown", str(out), cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    text = out.read_text()
+    assert "landscape of 9 points x 2 seeds" in text and "noise (robust spread between seeds) 0.0 points" in text
+    rows = [row for row in table_rows(text) if row[0] in ("tpe", "random")]
+    assert [(row[0], row[1]) for row in rows] == [("tpe", "2"), ("tpe", "6"), ("random", "2"), ("random", "6")]
+    for row in rows:  # noiseless: the grid's choice is the landscape's best, so no gap is positive
+        assert float(row[2]) <= 0 and float(row[3]) <= 0 and row[4].endswith("%") and row[5].endswith("%"), row
+    # Both start from FGSM-RS's defaults (lr 0.05: 0.395 here, 10.5 points under the best), as a real search does:
+    # on a noiseless landscape no replay chooses worse than them.
+    defaults_gap = 100 * (0.2 * math.log(5) / math.log(30) - 0.2)
+    assert all(float(row[3]) >= defaults_gap - 0.05 for row in rows)
+
+    import pandas as pd
+
+    broken = pd.read_parquet(results)
+    broken.loc[3, "best.objective"] = float("nan")  # a trial that failed
+    broken.to_parquet(tmp_path / "broken.parquet")
+    result = bench("search_landscape.py", "--landscape", str(tmp_path / "broken.parquet"), cwd=tmp_path, timeout=120)
+    assert result.returncode == 1 and "1 landscape trial(s) have no result" in result.stderr
+    result = bench("search_landscape.py", "--seeds", "0", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and "at least 2 distinct training seeds" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.parquet", "landscape.md", "results.parquet"]
+
+
+@pytest.mark.slow
+def test_search_landscape_measures_a_grid_of_seeds_and_replays_on_it(tmp_path):
+    out = tmp_path / "landscape.md"
+    result = bench("search_landscape.py", "--grid-points", "2", "--seeds", "0", "1", "--epochs", "1",
+                   "--train-subset", "500", "--set", "data.name=synthetic", "--set", "data.val_size=200",
+                   "--set", "validation.examples=100", "--trials", "3", "--replays", "2", "--searchers", "tpe",
+                   "--markdown", str(out), cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    text = out.read_text()
+    assert "landscape of 4 points x 2 seeds" in text
+    measured = [row for row in table_rows(text) if len(row) == 3]  # the 2 x 2 landscape: alpha, then 2 lrs
+    assert [row[0] for row in measured] == ["0.5", "2"], text
+    assert all(0 <= float(value) <= 1 for row in measured for value in row[1:])
+    [replayed] = [row for row in table_rows(text) if row[0] == "tpe"]
+    assert replayed[1] == "3" and re.match(r"^[+-][0-9]+\.[0-9]$", replayed[2]) and replayed[4].endswith("%")

@@ -346,20 +346,7 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
         metric, mode = ["objective", CLEAN_METRIC], ["max", "max"]
     else:
         metric, mode = "objective", "max"
-    # A grid is the grid: the defaults are not added to it.
-    defaults = (default_point(settings.defense, space, base)
-                if settings.include_default and settings.searcher != "grid" else None)
-    start_points = [defaults] if defaults else []
-    if settings.searcher == "grid":
-        sampler = optuna.samplers.GridSampler(grid_values(space, settings.grid_points), seed=settings.seed)
-    elif settings.searcher == "random":
-        sampler = optuna.samplers.RandomSampler(seed=settings.seed)
-    else:
-        # TPE's start-up: the defaults, then a space-filling design instead of independent random points (a
-        # search on a few trials' budget is mostly its start-up; see space_filling_points).
-        design_size = min(TPE_SPACE_FILLING_POINTS, settings.samples - len(start_points))
-        start_points += space_filling_points(space, design_size, settings.seed)
-        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(1, len(start_points)))
+    sampler, start_points = optuna_sampler(settings, space, base)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "A new study created" says nothing to a user
     searcher = OptunaSearch(space={k: d.to_optuna() for k, d in space.items()}, metric=metric, mode=mode,
                             sampler=sampler, points_to_evaluate=start_points or None)
@@ -376,6 +363,26 @@ def _make_tuner(settings: SearchSettings, space: dict[str, Distribution], base: 
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=settings.samples,
                                   reuse_actors=True)
     return tune.Tuner(trial_trainable, tune_config=tune_config, run_config=run_config)
+
+
+def optuna_sampler(settings: SearchSettings, space: dict[str, Distribution], base: dict[str, Any]):
+    """The search's Optuna sampler and the points it evaluates first, in order (benchmarks/search_landscape.py
+    replays the same searcher offline)."""
+    import optuna
+
+    # A grid is the grid: the defaults are not added to it.
+    defaults = (default_point(settings.defense, space, base)
+                if settings.include_default and settings.searcher != "grid" else None)
+    start_points = [defaults] if defaults else []
+    if settings.searcher == "grid":
+        return optuna.samplers.GridSampler(grid_values(space, settings.grid_points), seed=settings.seed), []
+    if settings.searcher == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed), start_points
+    # TPE's start-up: the defaults, then a space-filling design instead of independent random points (a
+    # search on a few trials' budget is mostly its start-up; see space_filling_points).
+    design_size = min(TPE_SPACE_FILLING_POINTS, settings.samples - len(start_points))
+    start_points += space_filling_points(space, design_size, settings.seed)
+    return optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(1, len(start_points))), start_points
 
 
 def first_judged_epoch(settings: SearchSettings, base: dict[str, Any]) -> int:
