@@ -4,6 +4,9 @@ search_efficiency.py runs each search a few times for real, so it can say that a
 a searcher that picks badly, or a trial count too small for any searcher on this landscape. This script answers
 that, and how many trials the target needs.
 
+Any defense and space with numeric knobs (`--defense`, `--space`; by default FGSM-RS and PGD-AT as in
+search_efficiency.py); the grid has grid-points^knobs points, so keep a space to 2-3 knobs.
+
 1. Measured: every point of a grid over the defense's space (`--grid-points` values per knob), trained with each
    of `--seeds` (training seeds; each also draws its own validation split), full length, no early stopping: one
    robustune grid search whose space adds the seed as a choice. The landscape is the mean over seeds at each
@@ -25,8 +28,9 @@ reference grid's choice (in points): the mean over replays, the 10th percentile,
 the numbers with: linear between grid points, the same Gaussian noise everywhere, no ASHA (at 4 epochs its one
 rung, epoch 3, saves a quarter of a stopped trial's compute).
 
-    python benchmarks/search_landscape.py [--defense fgsm_rs] [--grid-points 5] [--seeds 0 1] [--epochs 4]
-        [--trials 5 8 12 16] [--reference-grid 4] [--replays 40] [--landscape RESULTS_PARQUET] [--markdown FILE]
+    python benchmarks/search_landscape.py [--defense fgsm_rs] [--space FILE] [--grid-points 5] [--seeds 0 1]
+        [--epochs 4] [--trials 5 8 12 16] [--reference-grid 4] [--replays 40] [--landscape RESULTS_PARQUET]
+        [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -46,25 +50,27 @@ from search_efficiency import FIXED, SPACES, base_config  # noqa: E402  the same
 
 SEARCHERS = ("tpe", "random", "gp")
 REFERENCE_GRID = {"fgsm_rs": 4, "pgd": 3}  # search_efficiency.py's default grids
+DEFAULT_REFERENCE_GRID = 3
+NUMERIC = ("uniform", "loguniform", "int")  # knobs a landscape can interpolate along
 MAD_TO_SD = 1.4826  # a normal distribution's standard deviation per median absolute deviation
 
 
-def space_of(defense: str) -> dict:
-    from robustune.search_space import load_space
+def space_path(defense: str, space_file: str | None) -> Path:
+    """The space searched: --space, else search_efficiency.py's for its defenses, else the defense's shipped one."""
+    from robustune.search_space import default_space_path
 
-    return load_space(defense, SPACES[defense])
+    return Path(space_file or SPACES.get(defense) or default_space_path(defense))
 
 
-def measure(defense: str, *, grid_points: int, seeds: list[int], epochs: int, base_overrides: list[str],
-            workdir: Path) -> Path:
+def measure(defense: str, space_file: Path, *, grid_points: int, seeds: list[int], epochs: int,
+            base_overrides: list[str], workdir: Path) -> Path:
     """Runs the grid x seeds search; the path of its results.parquet."""
     import yaml
 
     from robustune import progress
     from robustune.search import RESULTS_FILE, SearchSettings, start_search
-    from robustune.search_space import default_space_path
 
-    space_yaml = yaml.safe_load(Path(SPACES[defense] or default_space_path(defense)).read_text())
+    space_yaml = yaml.safe_load(space_file.read_text())
     space_yaml["seed"] = {"type": "choice", "values": list(seeds)}
     space_file = workdir / f"{defense}-landscape.yaml"
     space_file.write_text(yaml.safe_dump(space_yaml))
@@ -82,11 +88,7 @@ class Landscape:
     def __init__(self, rows, space: dict):
         from scipy.interpolate import RegularGridInterpolator
 
-        numeric = {key: dist for key, dist in space.items() if dist.type in ("uniform", "loguniform", "int")}
-        if set(numeric) != set(space):
-            raise SystemExit(f"a landscape is interpolated between points: knobs {sorted(set(space) - set(numeric))} "
-                             "are choices; fix them with --set and leave them out of the space")
-        self.space, self.keys = space, list(space)
+        self.space, self.keys = space, list(space)  # numeric knobs only (checked before any work)
         columns = [f"param.{key}" for key in self.keys]
         missing = [c for c in [*columns, "param.seed", "best.objective"] if c not in rows.columns]
         if missing:
@@ -180,7 +182,10 @@ def landscape_table(landscape: Landscape) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--defense", default="fgsm_rs", choices=sorted(SPACES))
+    parser.add_argument("--defense", default="fgsm_rs", help="any defense (`robustune methods`; default fgsm_rs)")
+    parser.add_argument("--space", metavar="FILE",
+                        help="search-space YAML, numeric knobs only (default: search_efficiency.py's for fgsm_rs and "
+                             "pgd, the defense's shipped space otherwise); the grid has grid-points^knobs points")
     parser.add_argument("--grid-points", type=int, default=5, help="values per knob of the measured grid")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds at every point (>= 2)")
     parser.add_argument("--epochs", type=int, default=4)
@@ -191,14 +196,14 @@ def main() -> None:
     parser.add_argument("--trials", nargs="+", type=int, default=[5, 8, 12, 16], help="trial counts to replay")
     parser.add_argument("--reference-grid", type=int,
                         help="values per knob of the grid the searches are compared with (default: "
-                             "search_efficiency.py's for the defense: " + ", ".join(f"{d} {n}" for d, n in
-                                                                                  REFERENCE_GRID.items()) + ")")
+                             "search_efficiency.py's: " + ", ".join(f"{d} {n}" for d, n in REFERENCE_GRID.items())
+                             + f"; {DEFAULT_REFERENCE_GRID} for others)")
     parser.add_argument("--searchers", nargs="+", default=list(SEARCHERS), choices=SEARCHERS)
     parser.add_argument("--replays", type=int, default=40, help="searcher seeds per searcher and trial count")
     parser.add_argument("--batch", type=int, default=2, help="trials suggested at once (a search's trials at once)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
     args = parser.parse_args()
-    args.reference_grid = args.reference_grid or REFERENCE_GRID[args.defense]
+    args.reference_grid = args.reference_grid or REFERENCE_GRID.get(args.defense, DEFAULT_REFERENCE_GRID)
     if len(set(args.seeds)) < 2:
         parser.error("--seeds needs at least 2 distinct training seeds: the noise is their spread")
     if min(args.trials) < 1 or args.replays < 1 or args.batch < 1 or args.grid_points < 2 or args.reference_grid < 1:
@@ -209,8 +214,21 @@ def main() -> None:
     import optuna
     import pandas as pd
 
-    from robustune.config import merge
+    from robustune.config import ConfigError, merge
+    from robustune.defense import list_defenses
+    from robustune.search_space import load_space
 
+    if args.defense not in list_defenses():
+        parser.error(f"unknown defense {args.defense}; choose from {', '.join(list_defenses())}")
+    searched = space_path(args.defense, args.space)
+    try:
+        space = load_space(args.defense, searched)
+    except ConfigError as error:
+        parser.error(str(error))
+    choices = sorted(key for key, dist in space.items() if dist.type not in NUMERIC)
+    if choices:
+        parser.error(f"a landscape is interpolated between points, so every knob must be numeric: {choices} in "
+                     f"{searched} are choices; pass --space with them left out (fix them with --set)")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     base_overrides = [f"data.train_subset={args.train_subset}", "data.val_size=1000", "validation.examples=1000",
                       *args.overrides]
@@ -219,9 +237,12 @@ def main() -> None:
         workdir = results.parent  # only named in the replays' config; nothing is written there
     else:
         workdir = Path(tempfile.mkdtemp(prefix="robustune-search-landscape-"))
-        results = measure(args.defense, grid_points=args.grid_points, seeds=args.seeds, epochs=args.epochs,
-                          base_overrides=base_overrides, workdir=workdir)
-    landscape = Landscape(pd.read_parquet(results), space_of(args.defense))
+        points = math.prod(len(dist.grid(args.grid_points)) for dist in space.values())
+        print(f"measuring {args.defense}'s landscape: {points} points x {len(args.seeds)} seeds = "
+              f"{points * len(args.seeds)} trials of {args.epochs} epochs, in {workdir}", flush=True)
+        results = measure(args.defense, searched, grid_points=args.grid_points, seeds=args.seeds,
+                          epochs=args.epochs, base_overrides=base_overrides, workdir=workdir)
+    landscape = Landscape(pd.read_parquet(results), space)
     base = merge(base_config(args.defense, "replay", base_overrides, workdir), {"method": {"name": args.defense}})
 
     best, where = landscape.best()
