@@ -72,10 +72,10 @@ def measure(defense: str, space_file: Path, *, grid_points: int, seeds: list[int
 
     space_yaml = yaml.safe_load(space_file.read_text())
     space_yaml["seed"] = {"type": "choice", "values": list(seeds)}
-    space_file = workdir / f"{defense}-landscape.yaml"
-    space_file.write_text(yaml.safe_dump(space_yaml))
+    with_seeds = workdir / f"{defense}-landscape.yaml"
+    with_seeds.write_text(yaml.safe_dump(space_yaml))
     settings = SearchSettings(defense=defense, samples=1, epochs=epochs, searcher="grid", scheduler="none",
-                              grid_points=grid_points, space_file=str(space_file))
+                              grid_points=grid_points, space_file=str(with_seeds))
     with progress.showing(f"landscape {defense}"):  # trials done and time left, as a search from the CLI shows
         summary = start_search(settings, base_config(defense, f"{defense}-landscape", base_overrides, workdir),
                                log=lambda _: None)
@@ -215,7 +215,9 @@ def main() -> None:
     import pandas as pd
 
     from robustune.config import ConfigError, merge
+    from robustune.data import DataError, check_available
     from robustune.defense import list_defenses
+    from robustune.resolve import load_config
     from robustune.search_space import load_space
 
     if args.defense not in list_defenses():
@@ -236,6 +238,11 @@ def main() -> None:
         results = Path(args.landscape)
         workdir = results.parent  # only named in the replays' config; nothing is written there
     else:
+        try:  # the settings and the data, before a folder is made or anything trains
+            config = load_config(args.defense, overrides=base_overrides)
+            check_available(config.data.name, config.data.data_dir, config.data.download)
+        except (ConfigError, DataError) as error:
+            parser.error(str(error))
         workdir = Path(tempfile.mkdtemp(prefix="robustune-search-landscape-"))
         points = math.prod(len(dist.grid(args.grid_points)) for dist in space.values())
         print(f"measuring {args.defense}'s landscape: {points} points x {len(args.seeds)} seeds = "
@@ -247,7 +254,7 @@ def main() -> None:
 
     best, where = landscape.best()
     reference = [reference_grid(landscape, args.reference_grid, seed) for seed in range(args.replays)]
-    grid_size = args.reference_grid ** len(landscape.keys)
+    grid_size = math.prod(len(dist.grid(args.reference_grid)) for dist in space.values())
     lines = [f"**{args.defense}**: landscape of {landscape.mean.size} points x {landscape.seeds} seeds "
              f"(`{results}`); fixed: {', '.join(FIXED.get(args.defense, [])) or 'nothing'}", "",
              *landscape_table(landscape), "",

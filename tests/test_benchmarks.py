@@ -231,6 +231,8 @@ def test_search_landscape_replays_the_shipped_searchers_and_refuses_a_broken_lan
     assert result.returncode == 1 and "1 landscape trial(s) have no result" in result.stderr
     result = bench("search_landscape.py", "--seeds", "0", cwd=tmp_path, timeout=60)
     assert result.returncode == 2 and "at least 2 distinct training seeds" in result.stderr
+    result = bench("search_landscape.py", "--set", f"data.data_dir={tmp_path / 'no-data'}", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and "no-data" in result.stderr
     result = bench("search_landscape.py", "--defense", "fgsm_rss", cwd=tmp_path, timeout=60)
     assert result.returncode == 2 and "unknown defense fgsm_rss" in result.stderr
     result = bench("search_landscape.py", "--space", str(tmp_path / "nowhere.yaml"), cwd=tmp_path, timeout=60)
