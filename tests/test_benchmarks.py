@@ -181,19 +181,21 @@ def test_search_landscape_interpolates_the_seed_means_and_measures_their_spread(
     from robustune.search_space import load_space
 
     module = load_landscape_module()
-    # Rising with log lr (0.3 at lr 0.01 to 0.5 at lr 0.3) and flat in alpha; seeds at +-1 point of the mean.
+    # Rising with log lr (0.3 at lr 0.01 to 0.5 at lr 0.3) and a little with alpha (+0.05 from 0.5 to 2.0);
+    # seeds at +-1 point of the mean.
     results = landscape_results(tmp_path / "results.parquet", lambda alpha, lr: 0.3 + 0.2 * math.log(lr / 0.01)
-                                / math.log(30))
+                                / math.log(30) + 0.05 * (alpha - 0.5) / 1.5)
     landscape = module.Landscape(pd.read_parquet(results), load_space("fgsm_rs"))
     assert landscape.seeds == 2 and landscape.mean.shape == (3, 3)
     # Residuals of 1 point from a 2-seed mean: sd = 1.4826 x 0.01 x sqrt(2).
     assert landscape.noise_sd == pytest.approx(1.4826 * 0.01 * math.sqrt(2))
     best, where = landscape.best()
-    assert best == pytest.approx(0.5) and where["train.lr"] == pytest.approx(0.3)
-    # Linear on the log scale for a log-uniform knob: halfway in log lr between 0.01 and 0.3 is 0.4.
-    assert landscape.value({"method.alpha_ratio": 0.8, "train.lr": math.sqrt(0.01 * 0.3)}) == pytest.approx(0.4)
+    assert best == pytest.approx(0.55) and where == pytest.approx({"method.alpha_ratio": 2.0, "train.lr": 0.3})
+    # Between grid points (alpha 0.5 / 1.25, lr 0.01 / 0.0548): linear in alpha, and in log lr for a log-uniform
+    # knob, so a quarter of the log range (lr 0.01 x 30^0.25) and alpha 0.875 give 0.3 + 0.05 + 0.0125.
+    assert landscape.value({"method.alpha_ratio": 0.875, "train.lr": 0.01 * 30 ** 0.25}) == pytest.approx(0.3625)
     # Beyond the measured range: the edge's value, not an extrapolation.
-    assert landscape.value({"method.alpha_ratio": 2.0, "train.lr": 0.3}) == pytest.approx(0.5)
+    assert landscape.value({"method.alpha_ratio": 2.5, "train.lr": 0.5}) == pytest.approx(0.55)
 
     # The reference grid on a noiseless landscape chooses the top learning rate; no search can beat it.
     noiseless = module.Landscape(pd.read_parquet(landscape_results(
