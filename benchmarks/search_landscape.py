@@ -1,7 +1,7 @@
 """Search landscape: measure a defense's landscape once, then replay the searchers on it many times.
 
 search_efficiency.py runs each search a few times for real, so it can say that a target was missed but not why:
-a searcher that picks badly, or a trial count too small for any searcher on this landscape. This script answers
+a searcher that picks badly, or a trial count too small for any searcher on this landscape. This script estimates
 that, and how many trials the target needs.
 
 Any defense and space with numeric knobs (`--defense`, `--space`; by default FGSM-RS and PGD-AT as in
@@ -26,7 +26,9 @@ The table gives, per searcher and trial count, the landscape's value at the chos
 reference grid's choice (in points): the mean over replays, the 10th percentile, and the share of replays within
 1 and within 2 points (search_efficiency.py's target: mean within 1, every seed within 2). Assumptions, to read
 the numbers with: linear between grid points, the same Gaussian noise everywhere, no ASHA (at 4 epochs its one
-rung, epoch 3, saves a quarter of a stopped trial's compute).
+rung, epoch 3, saves a quarter of a stopped trial's compute). A seed that collapses (catastrophic overfitting) is
+not a Gaussian draw: where collapses are common the robust spread rises and the replays blur, and a landscape of
+2 seeds can miss them; FGSM-RS's answer changed with a third seed (benchmarks/RESULTS.md), so measure 3 or more.
 
     python benchmarks/search_landscape.py [--defense fgsm_rs] [--space FILE] [--grid-points 5] [--seeds 0 1]
         [--epochs 4] [--trials 5 8 12 16] [--reference-grid 4] [--replays 40] [--landscape RESULTS_PARQUET]
