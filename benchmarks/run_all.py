@@ -1,6 +1,6 @@
 """Run every benchmark and write their tables, with the commands and the machine, to one Markdown file.
 
-    python benchmarks/run_all.py                  # CPU: -> benchmarks/RESULTS.md (about 70 minutes on 2 cores)
+    python benchmarks/run_all.py                  # CPU: -> benchmarks/RESULTS.md (about 75 minutes on 2 cores)
     python benchmarks/run_all.py --gpu            # GPU machine: -> benchmarks/RESULTS-gpu.md
     python benchmarks/run_all.py --only overhead scaling --out /tmp/results.md
 
@@ -44,7 +44,7 @@ def cpu_benchmarks() -> dict[str, tuple[str, list[str]]]:
         "search_efficiency": ("Search efficiency: TPE + ASHA versus random versus grid (target: TPE + ASHA within "
                               "1 point of the grid's best with at most a third of its compute)",
                               ["search_efficiency.py", "--seeds", "0", "1", "2"]),
-        "search_landscape": ("Search landscape: FGSM-RS measured on a 5x5 grid x 2 seeds, the searchers replayed on "
+        "search_landscape": ("Search landscape: FGSM-RS measured on a 5x5 grid x 3 seeds, the searchers replayed on "
                              "it (how many trials the search-efficiency target needs)", ["search_landscape.py"]),
     }
 

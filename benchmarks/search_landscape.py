@@ -30,7 +30,7 @@ rung, epoch 3, saves a quarter of a stopped trial's compute). A seed that collap
 not a Gaussian draw: where collapses are common the robust spread rises and the replays blur, and a landscape of
 2 seeds can miss them; FGSM-RS's answer changed with a third seed (benchmarks/RESULTS.md), so measure 3 or more.
 
-    python benchmarks/search_landscape.py [--defense fgsm_rs] [--space FILE] [--grid-points 5] [--seeds 0 1]
+    python benchmarks/search_landscape.py [--defense fgsm_rs] [--space FILE] [--grid-points 5] [--seeds 0 1 2]
         [--epochs 4] [--trials 5 8 12 16] [--reference-grid 4] [--replays 40] [--landscape RESULTS_PARQUET]
         [--markdown FILE]
 """
@@ -189,7 +189,9 @@ def main() -> None:
                         help="search-space YAML, numeric knobs only (default: search_efficiency.py's for fgsm_rs and "
                              "pgd, the defense's shipped space otherwise); the grid has grid-points^knobs points")
     parser.add_argument("--grid-points", type=int, default=5, help="values per knob of the measured grid")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds at every point (>= 2)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="training seeds at every point (at least 2; default 0 1 2: with 2, FGSM-RS's landscape "
+                             "missed most of its collapses)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--train-subset", type=int, default=4000)
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
