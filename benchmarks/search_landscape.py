@@ -163,9 +163,11 @@ def replay(landscape: Landscape, searcher: str, trials: int, replay_seed: int, b
 
 def reference_grid(landscape: Landscape, points: int, replay_seed: int) -> float:
     """The reference grid once, with noise: the landscape's value at its winner."""
+    from robustune.search import grid_values
+
     noise = np.random.default_rng([replay_seed, 1_000_003])
-    grid = [dict(zip(landscape.keys, values))
-            for values in itertools.product(*(landscape.space[k].grid(points) for k in landscape.keys))]
+    values = grid_values(landscape.space, points)  # the grid searcher's own values per knob
+    grid = [dict(zip(values, point)) for point in itertools.product(*values.values())]
     results = [landscape.value(p) + noise.normal(0, landscape.noise_sd) for p in grid]
     return landscape.value(grid[int(np.argmax(results))])
 
@@ -222,6 +224,7 @@ def main() -> None:
     from robustune.data import DataError, check_available
     from robustune.defense import list_defenses
     from robustune.resolve import load_config
+    from robustune.search import grid_size
     from robustune.search_space import load_space
 
     if args.defense not in list_defenses():
@@ -248,7 +251,7 @@ def main() -> None:
         except (ConfigError, DataError) as error:
             parser.error(str(error))
         workdir = Path(tempfile.mkdtemp(prefix="robustune-search-landscape-"))
-        points = math.prod(len(dist.grid(args.grid_points)) for dist in space.values())
+        points = grid_size(space, args.grid_points)
         print(f"measuring {args.defense}'s landscape: {points} points x {len(args.seeds)} seeds = "
               f"{points * len(args.seeds)} trials of {args.epochs} epochs, in {workdir}", flush=True)
         results = measure(args.defense, searched, grid_points=args.grid_points, seeds=args.seeds,
@@ -258,15 +261,15 @@ def main() -> None:
 
     best, where = landscape.best()
     reference = [reference_grid(landscape, args.reference_grid, seed) for seed in range(args.replays)]
-    grid_size = math.prod(len(dist.grid(args.reference_grid)) for dist in space.values())
+    reference_size = grid_size(space, args.reference_grid)
     lines = [f"**{args.defense}**: landscape of {landscape.mean.size} points x {landscape.seeds} seeds "
              f"(`{results}`); fixed: {', '.join(FIXED.get(args.defense, [])) or 'nothing'}", "",
              *landscape_table(landscape), "",
              f"Best measured point {best:.4f} at " + ", ".join(f"{k}={v:.3g}" for k, v in where.items())
              + f"; trial-to-trial noise (robust spread between seeds) {100 * landscape.noise_sd:.1f} points; the "
-             f"reference grid ({args.reference_grid} per knob, {grid_size} trials) chooses knobs worth "
+             f"reference grid ({args.reference_grid} per knob, {reference_size} trials) chooses knobs worth "
              f"{np.mean(reference):.4f} on average ({args.replays} replays). A third of its compute buys "
-             f"{grid_size // 3} trials."
+             f"{reference_size // 3} trials."
              + (f" {landscape.failed} landscape trial(s) failed part-way (see the results' `error`); each counts "
                 "with its best epoch before it failed." if landscape.failed else ""), "",
              "| searcher | trials | mean gap to the grid's choice (points) | 10th percentile | within 1 point "
