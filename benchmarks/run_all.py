@@ -1,6 +1,6 @@
 """Run every benchmark and write their tables, with the commands and the machine, to one Markdown file.
 
-    python benchmarks/run_all.py                  # CPU: -> benchmarks/RESULTS.md (about 75 minutes on 2 cores)
+    python benchmarks/run_all.py                  # CPU: -> benchmarks/RESULTS.md (about 80 minutes on 2 cores)
     python benchmarks/run_all.py --gpu            # GPU machine: -> benchmarks/RESULTS-gpu.md
     python benchmarks/run_all.py --only overhead scaling --out /tmp/results.md
 

@@ -15,20 +15,26 @@ A search's best is the maximum over its noisy trials, so a search of more trials
 best even where its winner is no better. Each winning config is therefore also re-measured: trained again
 with `--remeasure-seeds` fresh seeds (each also draws its own validation split; same length), and the table
 adds its mean best validation PGD accuracy and that gap to the grid winner's, re-measured the same way: the
-gap in what each search chose, without the luck of the trial that made it win. `--remeasure-seeds` with no
-value skips it.
+gap in what each search chose, without the luck of the trial that made it win. Each re-measured gap comes with
+a 95% interval (Student's t over the re-measuring seeds, each seed's two runs paired: the same seed gives both
+configs the same initial weights and validation split, so a seed that trains slowly for every config cancels
+out). The mean row's interval is over the same seeds of the mean gap across searcher seeds; where it reaches
+both sides of -1 point, the re-measure cannot say whether the mean target is met and the table says so.
+FGSM-RS's runs differ by several points from seed to seed (some seeds collapse), so two seeds cannot settle a
+1-point target. `--remeasure-seeds` with no value skips the re-measure.
 
 Spaces: FGSM-RS uses its shipped space (step alpha / eps, learning rate); PGD-AT uses its shipped ranges for
 alpha / eps and learning rate with 5 steps and the training radius fixed (`benchmarks/spaces/pgd_2d.yaml`), so
 its grid stays affordable on a CPU.
 
     python benchmarks/search_efficiency.py [--defenses fgsm_rs pgd] [--grid-points 4 3] [--seeds 0]
-        [--epochs 4] [--train-subset 4000] [--remeasure-seeds 1 2] [--markdown FILE]
+        [--epochs 4] [--train-subset 4000] [--remeasure-seeds 1 2 3 4 5 6] [--markdown FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -74,9 +80,9 @@ def search(defense: str, searcher: str, scheduler: str, *, seed: int, epochs: in
 
 
 def remeasure(defense: str, params: dict, *, seeds: list[int], epochs: int, base_overrides: list[str],
-              workdir: Path, name: str) -> float:
-    """Mean best validation PGD accuracy of `params` trained with each of `seeds` (a grid search over the
-    training seed alone, every trial to the last epoch, as many at once as the CPUs fit)."""
+              workdir: Path, name: str) -> list[float]:
+    """The best validation PGD accuracy of `params` trained with each of `seeds`, in that order (a grid search
+    over the training seed alone, every trial to the last epoch, as many at once as the CPUs fit)."""
     import pandas as pd
     import yaml
 
@@ -93,12 +99,14 @@ def remeasure(defense: str, params: dict, *, seeds: list[int], epochs: int, base
     rows = pd.read_parquet(Path(summary["search_dir"]) / RESULTS_FILE)
     if len(rows) != len(seeds) or rows["best.objective"].isna().any():
         raise SystemExit(f"re-measuring {defense} {params}: {len(rows)} of {len(seeds)} runs reported a result")
-    return float(rows["best.objective"].mean())
+    by_seed = dict(zip(rows["param.seed"].astype(int), rows["best.objective"].astype(float)))
+    return [by_seed[seed] for seed in seeds]
 
 
 def remeasure_winners(defense: str, rows: list[dict], **settings) -> None:
-    """Adds `remeasured` to every row: its winner's mean over fresh seeds (each distinct config trained once)."""
-    measured: dict[str, float] = {}
+    """Adds `remeasured` to every row: its winner's result with each fresh seed, in the order of the seeds
+    (each distinct config trained once)."""
+    measured: dict[str, list[float]] = {}
     for row in rows:
         key = repr(sorted((row["best_params"] or {}).items()))
         if key not in measured:
@@ -106,6 +114,22 @@ def remeasure_winners(defense: str, rows: list[dict], **settings) -> None:
             measured[key] = remeasure(defense, row["best_params"], name=f"{defense}-remeasure-{len(measured)}",
                                       **settings)
         row["remeasured"] = measured[key]
+
+
+def mean_with_interval(values: list[float]) -> tuple[float, float | None, float | None]:
+    """The mean of `values` (differences paired by seed) and its 95% Student-t interval; no interval for one."""
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None, None
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def with_interval(values: list[float]) -> str:
+    mean, low, high = mean_with_interval(values)
+    return f"{mean:+.1f}" + (f" [{low:+.1f}, {high:+.1f}]" if low is not None else "")
 
 
 def table(defense: str, grid: dict, others: list[dict], budget_s: float, remeasure_seeds: list[int]) -> list[str]:
@@ -122,11 +146,18 @@ def table(defense: str, grid: dict, others: list[dict], budget_s: float, remeasu
     def gap(row: dict) -> float:
         return 100 * (row["best_val_pgd"] - grid["best_val_pgd"])
 
+    def gaps_again(row: dict) -> list[float]:  # per re-measuring seed, paired with the grid winner's run
+        return [100 * (mine - grids) for mine, grids in zip(row["remeasured"], grid["remeasured"])]
+
     def gap_again(row: dict) -> float:
-        return 100 * (row["remeasured"] - grid["remeasured"])
+        return statistics.fmean(gaps_again(row))
+
+    def mean_gaps_by_seed(rows: list[dict]) -> list[float]:  # per re-measuring seed: the mean over searcher seeds
+        return [statistics.fmean(gaps) for gaps in zip(*map(gaps_again, rows))]
 
     for row in [grid, *others]:
-        extra = f" {row['remeasured']:.4f} | {gap_again(row):+.1f} |" if again else ""
+        gap_text = "+0.0" if row is grid else with_interval(gaps_again(row))
+        extra = f" {statistics.fmean(row['remeasured']):.4f} | {gap_text} |" if again else ""
         lines.append(f"| {row['searcher']} | {row['seed']} | {row['trials']} ({row['full_trials']}) "
                      f"| {row['compute_s']:.0f} | {share(row):.2f} | {row['wall_s']:.0f} | {row['best_val_pgd']:.4f} "
                      f"| {gap(row):+.1f} |{extra} |")
@@ -140,14 +171,20 @@ def table(defense: str, grid: dict, others: list[dict], budget_s: float, remeasu
 
             met = meets(list(map(gap, rows)))
             if again:
-                met += f" (re-measured: {meets(list(map(gap_again, rows)))})"
+                _, low, high = mean_with_interval(mean_gaps_by_seed(rows))
+                unsettled = low is not None and low < -1 <= high
+                met += f" (re-measured: {meets(list(map(gap_again, rows)))}" + (
+                    "; the interval spans -1: not settled" if unsettled else "") + ")"
         mean_compute = sum(r["compute_s"] for r in rows) / len(rows)
-        extra = (f" {sum(r['remeasured'] for r in rows) / len(rows):.4f} | "
-                 f"**{sum(map(gap_again, rows)) / len(rows):+.1f}** (worst {min(map(gap_again, rows)):+.1f}) |"
+        extra = (f" {statistics.fmean(statistics.fmean(r['remeasured']) for r in rows):.4f} | "
+                 f"**{with_interval(mean_gaps_by_seed(rows))}** (worst {min(map(gap_again, rows)):+.1f}) |"
                  if again else "")
         lines.append(f"| **{searcher}, mean of {len(rows)} seed(s)** | | | {mean_compute:.0f} "
                      f"| {worst_share:.2f} (most) | | {sum(r['best_val_pgd'] for r in rows) / len(rows):.4f} "
                      f"| **{mean_gap:+.1f}** (worst {min(map(gap, rows)):+.1f}) |{extra} {met} |")
+    if again and len(remeasure_seeds) > 1:
+        lines += ["", "Brackets: 95% interval of the re-measured gap (Student's t over the re-measuring seeds, each "
+                      "seed's runs of both configs paired)."]
     lines += ["", "best points: " + "; ".join(f"{r['searcher']} seed {r['seed']}: "
                                               + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in (r['best_params'] or {}).items())
@@ -168,13 +205,16 @@ def main() -> None:
     parser.add_argument("--budget-fraction", type=float, default=0.3,
                         help="the other searches' compute budget as a share of the grid's (default 0.3: two trials "
                              "at once can each start an epoch that the other's ends up overrunning)")
-    parser.add_argument("--remeasure-seeds", nargs="*", type=int, default=[1, 2],
-                        help="training seeds each winning config is trained again with (none: no re-measure)")
+    parser.add_argument("--remeasure-seeds", nargs="*", type=int, default=[1, 2, 3, 4, 5, 6],
+                        help="training seeds each winning config is trained again with, paired across configs "
+                             "(none: no re-measure; two or more give each gap an interval)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
     args = parser.parse_args()
     if len(args.grid_points) < len(args.defenses):
         parser.error("--grid-points needs one value per defense")
+    if len(set(args.remeasure_seeds)) != len(args.remeasure_seeds):
+        parser.error(f"--remeasure-seeds names a seed twice: {args.remeasure_seeds}")
 
     workdir = Path(tempfile.mkdtemp(prefix="robustune-search-efficiency-"))
     base_overrides = [f"data.train_subset={args.train_subset}", "data.val_size=1000", "validation.examples=1000",

@@ -10,7 +10,7 @@ search_efficiency.py); the grid has grid-points^knobs points, so keep a space to
 1. Measured: every point of a grid over the defense's space (`--grid-points` values per knob), trained with each
    of `--seeds` (training seeds; each also draws its own validation split), full length, no early stopping: one
    robustune grid search whose space adds the seed as a choice. The landscape is the mean over seeds at each
-   point (where one seed overfits catastrophically, the point keeps that lower mean; a trial that failed part-way,
+   point (where one seed collapses, the point keeps that lower mean; a trial that failed part-way,
    e.g. on a non-finite loss, counts with its best epoch before it failed); the trial-to-trial noise
    is the spread between seeds, estimated robustly (median absolute deviation) so that one collapse does not
    set the noise everywhere.
@@ -26,7 +26,8 @@ The table gives, per searcher and trial count, the landscape's value at the chos
 reference grid's choice (in points): the mean over replays, the 10th percentile, and the share of replays within
 1 and within 2 points (search_efficiency.py's target: mean within 1, every seed within 2). Assumptions, to read
 the numbers with: linear between grid points, the same Gaussian noise everywhere, no ASHA (at 4 epochs its one
-rung, epoch 3, saves a quarter of a stopped trial's compute). A seed that collapses (catastrophic overfitting) is
+rung, epoch 3, saves a quarter of a stopped trial's compute). A seed that collapses (FGSM-RS's collapses here end
+at the constant predictor: a start that never leaves it, or a fall back to it at a high learning rate) is
 not a Gaussian draw: where collapses are common the robust spread rises and the replays blur, and a landscape of
 2 seeds can miss them; FGSM-RS's answer changed with a third seed (benchmarks/RESULTS.md), so measure 3 or more.
 

@@ -125,6 +125,41 @@ def test_overhead_and_scaling_scripts_print_their_tables(tmp_path):
     assert rows[0][3] == "1.00" and all(float(row[2]) > 0 for row in rows)
 
 
+def test_search_efficiency_pairs_the_re_measured_gaps_by_seed_and_says_when_they_cannot_settle_the_target():
+    """Each re-measured gap is the mean of the per-seed differences to the grid winner's run on the same seed, with
+    a Student-t interval (hand values below); the mean row averages the searcher seeds per re-measuring seed; a
+    mean-gap interval reaching both sides of -1 is reported as not settled, one wholly below as a plain miss."""
+    import math
+
+    se = load_benchmark("search_efficiency")
+    # Differences 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.302653 -> half-width 4.302653 / sqrt(3) = 2.484138.
+    mean, low, high = se.mean_with_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and math.isclose(high - mean, 2.484138, rel_tol=1e-5) and math.isclose(mean - low, high - mean)
+    assert se.mean_with_interval([4.0])[1:] == (None, None)
+
+    def row(searcher, seed, remeasured, best=0.58):
+        return {"searcher": searcher, "seed": seed, "trials": 5, "full_trials": 5, "compute_s": 100.0,
+                "wall_s": 60.0, "best_val_pgd": best, "best_params": {"train.lr": 0.1}, "remeasured": remeasured}
+
+    # A slow seed (the third) drags every config down alike: pairing cancels it.
+    grid = row("grid", 0, [0.60, 0.60, 0.30], best=0.60)
+    others = [row("TPE + ASHA", 0, [0.59, 0.58, 0.28]), row("TPE + ASHA", 1, [0.60, 0.59, 0.29]),
+              row("random", 0, [0.50, 0.40, 0.60])]
+    rows = table_rows("\n".join(se.table("fgsm_rs", grid, others, 30.0, [1, 2, 3])))
+    assert rows[0][9] == "+0.0"
+    tpe0 = [float(v) for v in re.findall(r"[+-]\d+\.\d", rows[1][9])]
+    assert tpe0[0] == -1.7 and tpe0[1] < tpe0[0] < tpe0[2] and tpe0[2] - tpe0[1] < 6  # paired: a narrow interval
+    # TPE's per-seed mean gaps: -0.5, -1.5, -1.5 -> mean -1.2; its interval reaches above -1: not settled.
+    tpe_mean = next(r for r in rows if r[0].startswith("**TPE"))
+    assert tpe_mean[9].startswith("**-1.2 [") and "(worst -1.7)" in tpe_mean[9]
+    assert tpe_mean[10] == "no (re-measured: no; the interval spans -1: not settled)"
+    # Entirely below -1: a miss the re-measure settles.
+    far = [row("TPE + ASHA", 0, [0.50, 0.50, 0.20]), row("TPE + ASHA", 1, [0.51, 0.50, 0.21])]
+    far_mean = next(r for r in table_rows("\n".join(se.table("fgsm_rs", grid, far, 30.0, [1, 2, 3])))
+                    if r[0].startswith("**TPE"))
+    assert far_mean[10] == "no (re-measured: no)"
+
+
 @pytest.mark.slow
 def test_search_efficiency_re_measures_every_winner_with_fresh_seeds(tmp_path):
     """The search-efficiency table gives each search's winner trained again with fresh seeds, and its gap to the
@@ -141,8 +176,9 @@ def test_search_efficiency_re_measures_every_winner_with_fresh_seeds(tmp_path):
     assert [grid[0], tpe[0], random_search[0]] == ["grid", "TPE + ASHA", "random"]
     for row in (grid, tpe, random_search):
         assert 0 <= float(row[8]) <= 1, row
-        assert float(row[9]) == pytest.approx(100 * (float(row[8]) - float(grid[8])), abs=0.051), row
-    assert float(grid[9]) == 0.0
+        gap = float(row[9].split(" [")[0])  # the mean of the paired per-seed gaps, then its interval
+        assert gap == pytest.approx(100 * (float(row[8]) - float(grid[8])), abs=0.051), row
+    assert grid[9] == "+0.0" and re.fullmatch(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", tpe[9]), tpe
     points = dict(part.split(": ", 1) for part in text.split("best points: ", 1)[1].splitlines()[0].split("; "))
     if points["grid seed 0"] == points["TPE + ASHA seed 0"]:  # the same config is measured once, so alike
         assert tpe[8] == grid[8]
@@ -164,13 +200,17 @@ def landscape_results(path: Path, value, seed_offsets=(0.01, -0.01), points: int
     return path
 
 
-def load_landscape_module():
+def load_benchmark(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("search_landscape", REPO / "benchmarks" / "search_landscape.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_landscape_module():
+    return load_benchmark("search_landscape")
 
 
 def test_search_landscape_interpolates_the_seed_means_and_measures_their_spread(tmp_path):
