@@ -407,8 +407,8 @@ def test_refits_that_fall_short_of_their_trial_get_the_next_best_config_refitted
     """When a tuned entry's refits end far below the trial that chose their config, the search's next-best config
     is refitted on every seed and the entry keeps the set with the higher mean validation PGD; once decided, it is
     not redone, and the leaderboard row says what happened and counts the unused runs' compute. The decision is
-    taken again here from the winner's refits, under a threshold nothing meets and one everything meets (the
-    study is put back as it was afterwards: the other tests read it)."""
+    taken again here from the winner's refits, under a threshold nothing meets and one everything meets, and with
+    one of the winner's refits failed (the study is put back as it was afterwards: the other tests read it)."""
     from mlflow import MlflowClient
 
     from robustune import leaderboard
@@ -476,10 +476,27 @@ def test_refits_that_fall_short_of_their_trial_get_the_next_best_config_refitted
 
         rows, _ = leaderboard.collect_rows(tiny_study["dir"])
         row = next(r for r in rows if r["defense"] == entry.label)
-        assert "so the next-best config" in row["diagnostics"] and "chosen on validation PGD" in row["diagnostics"]
+        assert "so the next-best config" in row["diagnostics"] and "then validation PGD" in row["diagnostics"]
         summary = json.loads((Path(state.searches[entry.label].search_dir) / "summary.json").read_text())
         assert row["search_val_pgd"] == (runner_up["val_pgd_acc"] if decision["kept"] else
                                          summary["best"]["metrics"]["val_pgd_acc"])
+
+        # A failed refit (e.g. a non-finite loss on one seed: a config at the edge of divergence) is a shortfall
+        # whatever the finished seeds score, and the config that trained on every seed is kept.
+        monkeypatch.setattr(leaderboard, "REFIT_SHORTFALL", 2.0)  # no finished refit falls short
+        lines.clear()
+        state = undecided()
+        failed = state.runs[f"{entry.label}|1"]
+        failed.training, failed.failed = None, True
+        _refit_next_best_if_short(state, entry, lines.append)
+        decision = state.searches[entry.label].next_best
+        assert any("1 of its 2 final runs failed" in line and "refitting the next-best config" in line
+                   for line in lines), lines
+        assert decision["winner_failed"] == 1 and decision["refit_failed"] == 0 and decision["kept"]
+        assert sorted(r.run_dir for r in StudyState.load(tiny_study["dir"]).runs_of(entry.label)) == next_dirs
+        rows, _ = leaderboard.collect_rows(tiny_study["dir"])
+        row = next(r for r in rows if r["defense"] == entry.label)
+        assert "1 of the winner's refits failed" in row["diagnostics"], row["diagnostics"]
     finally:
         study_file.write_bytes(saved)
         for run_id, kind in kinds.items():

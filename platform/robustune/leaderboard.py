@@ -107,13 +107,16 @@ def refit_shortfall(refit_val_pgd: float | None, chosen_on: float | None) -> str
 
 
 def next_best_note(next_best: dict[str, Any], chosen_on: float | None) -> str:
-    """What a row says when its search's winner fell short in the refits and the next-best config was refitted."""
+    """What a row says when its search's winner fell short or failed in the refits and the next-best config was
+    refitted."""
     knobs = ", ".join(f"{k}={_short(v)}" for k, v in sorted(next_best["params"].items()))
     score = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
-    return (f"the winner's refits fell short of its trial (validation PGD {score(next_best['winner_refit_val_pgd'])} "
+    failed = next_best.get("winner_failed") or 0  # absent in studies saved before failures counted
+    why = f"{failed} of the winner's refits failed" if failed else "the winner's refits fell short of its trial"
+    return (f"{why} (validation PGD {score(next_best['winner_refit_val_pgd'])} "
             f"vs {score(chosen_on)}), so the next-best config ({knobs}) was refitted too "
             f"({score(next_best['refit_val_pgd'])}); these are the {'next-best' if next_best['kept'] else 'winner'}'s "
-            "runs, chosen on validation PGD")
+            "runs, chosen on failed runs, then validation PGD")
 
 
 def run_diagnosis(mlflow_client, run_id: str) -> dict[str, list[int]]:

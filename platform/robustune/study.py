@@ -28,8 +28,8 @@ How it runs (every stage resumes: `robustune study --resume STUDY_DIR`):
   1. untuned entries, every seed: training runs on Ray Train, several at once through Ray Tune;
   2. each tuned entry: a search on validation data (`robustune.search`), its compute capped by `budget`;
   3. tuned entries, every seed: the best config retrained (same data, same model selection as untuned ones);
-     refits far below the trial that chose their config get the next-best config refitted too, and the entry
-     keeps the better of the two on validation (`_refit_next_best_if_short`);
+     refits far below the trial that chose their config, or with a failed run, get the next-best config
+     refitted too, and the entry keeps the better of the two on validation (`_refit_next_best_if_short`);
   4. every final run evaluated on the test split by the study's protocol, several at once (a Ray task each),
      each as soon as its run is trained: beside the stages still training, so slots do not idle (`Evaluations`);
   5. the leaderboard (`robustune.leaderboard`): Markdown, CSV, Parquet, two plots, on the study's MLflow run.
@@ -470,9 +470,11 @@ class StudyProgress(TrialProgress):
 def _refit_next_best_if_short(state: StudyState, entry: Entry, log: Callable[[str], None]) -> None:
     """A config is judged on its search trials; when its refits end far below the trial that chose it on
     validation PGD (leaderboard.REFIT_SHORTFALL: the final runs did not reproduce what the search saw, e.g.
-    trials shorter than the final runs, or one lucky seed), the search's next-best config (the best trial with
-    other knobs) is refitted on every seed too, and the entry keeps whichever config's final runs score higher
-    on validation PGD (mean over seeds; the test split plays no part). Once per entry: the decision is saved
+    trials shorter than the final runs, or one lucky seed), or when any of them failed (e.g. a non-finite loss:
+    a config at the edge of divergence can win its search on the one seed it survived), the search's next-best
+    config (the best trial with other knobs) is refitted on every seed too, and the entry keeps the config whose
+    final runs failed less often, then the one whose runs score higher on validation PGD (mean over the finished
+    seeds; the test split plays no part). Once per entry: the decision is saved
     (SearchRecord.next_best, refit_checked), so a resumed study neither repeats nor forgets it, and the entry's
     runs are evaluated only after it (no unused run is tested); the unused runs keep their folders and MLflow
     runs (tag kind=study_refit_unused, named "... (unused refit)") and their compute counts in the entry's
@@ -487,7 +489,10 @@ def _refit_next_best_if_short(state: StudyState, entry: Entry, log: Callable[[st
     chosen_on = ((read_summary(search.search_dir) or {}).get("best") or {}).get("metrics", {}).get("val_pgd_acc")
     winner_runs = sorted(state.runs_of(entry.label), key=lambda r: r.seed)
     winner_score = _mean_validation_pgd(state, winner_runs)
-    shortfall = refit_shortfall(winner_score, chosen_on)
+    winner_failed = sum(1 for r in winner_runs if r.failed or not r.training)
+    failures = (f"{winner_failed} of its {len(winner_runs)} final runs failed (see their errors)"
+                if winner_failed else None)
+    shortfall = "; ".join(filter(None, [refit_shortfall(winner_score, chosen_on), failures])) or None
     runner_up = next_best(search.search_dir) if shortfall else None
     if shortfall and runner_up is None:
         log(f"[study] {entry.label}: {shortfall}; its search has no other config to refit")
@@ -516,10 +521,15 @@ def _refit_next_best_if_short(state: StudyState, entry: Entry, log: Callable[[st
         record.run_id, record.training = run_id_of(record.run_dir), finished_report(record.run_dir)
         record.failed = record.training is None
     runner_up_score = _mean_validation_pgd(state, records)
-    kept = runner_up_score is not None and (winner_score is None or runner_up_score > winner_score)
+    runner_up_failed = sum(1 for r in records if r.failed or not r.training)
+    if runner_up_failed != winner_failed:  # a config that trains on more seeds wins, whatever its mean
+        kept = runner_up_failed < winner_failed and runner_up_score is not None
+    else:
+        kept = runner_up_score is not None and (winner_score is None or runner_up_score > winner_score)
     unused = winner_runs if kept else records
     workers = resolve_config(state.study.base).resources.num_workers
     search.next_best = {**runner_up, "winner_refit_val_pgd": winner_score, "refit_val_pgd": runner_up_score,
+                        "winner_failed": winner_failed, "refit_failed": runner_up_failed,
                         "kept": kept, "unused_train_s": sum(r.training["train_seconds"] * workers
                                                             for r in unused if r.training)}
     for record in unused:  # in the MLflow UI: not a final run, and named so
@@ -532,8 +542,9 @@ def _refit_next_best_if_short(state: StudyState, entry: Entry, log: Callable[[st
             state.runs[record.key] = record
     search.refit_checked = True
     state.save()
-    log(f"[study] {entry.label}: refits' mean validation PGD: winner {_format_score(winner_score)}, next-best "
-        f"{_format_score(runner_up_score)}; the entry keeps the {'next-best' if kept else 'winner'}'s runs")
+    log(f"[study] {entry.label}: refits' mean validation PGD: winner {_format_score(winner_score)} "
+        f"({winner_failed} failed), next-best {_format_score(runner_up_score)} ({runner_up_failed} failed); the "
+        f"entry keeps the {'next-best' if kept else 'winner'}'s runs")
 
 
 def _mean_validation_pgd(state: StudyState, records: list[RunRecord]) -> float | None:
