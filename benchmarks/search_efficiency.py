@@ -44,6 +44,12 @@ SPACES = {"fgsm_rs": None, "pgd": HERE / "spaces" / "pgd_2d.yaml"}  # None: the 
 FIXED = {"pgd": ["method.steps=5", "method.epsilon_ratio=1.0"]}  # the knobs a 2-D PGD space leaves out
 
 
+def shared_overrides(train_subset: int, overrides: list[str]) -> list[str]:
+    """The data and validation every trial of these benchmarks uses (search_landscape.py measures the same), then
+    the user's --set overrides."""
+    return [f"data.train_subset={train_subset}", "data.val_size=1000", "validation.examples=1000", *overrides]
+
+
 def base_config(defense: str, name: str, base_overrides: list[str], workdir: Path) -> dict:
     """The runs' config: the shared overrides, the knobs the benchmark fixes, a run name and the work folder."""
     from robustune.config import raw_config
@@ -217,8 +223,7 @@ def main() -> None:
         parser.error(f"--remeasure-seeds names a seed twice: {args.remeasure_seeds}")
 
     workdir = Path(tempfile.mkdtemp(prefix="robustune-search-efficiency-"))
-    base_overrides = [f"data.train_subset={args.train_subset}", "data.val_size=1000", "validation.examples=1000",
-                      *args.overrides]
+    base_overrides = shared_overrides(args.train_subset, args.overrides)
     from robustune.resolve import load_config
 
     setup = load_config("standard", overrides=base_overrides)

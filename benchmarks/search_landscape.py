@@ -49,7 +49,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from search_efficiency import FIXED, SPACES, base_config  # noqa: E402  the same spaces and fixed knobs
+from search_efficiency import FIXED, SPACES, base_config, shared_overrides  # noqa: E402  the same setting
 
 SEARCHERS = ("tpe", "random", "gp")
 REFERENCE_GRID = {"fgsm_rs": 4, "pgd": 3}  # search_efficiency.py's default grids
@@ -240,8 +240,7 @@ def main() -> None:
         parser.error(f"a landscape is interpolated between points, so every knob must be numeric: {choices} in "
                      f"{searched} are choices; pass --space with them left out (fix them with --set)")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    base_overrides = [f"data.train_subset={args.train_subset}", "data.val_size=1000", "validation.examples=1000",
-                      *args.overrides]
+    base_overrides = shared_overrides(args.train_subset, args.overrides)
     if args.landscape:
         results = Path(args.landscape)
         workdir = results.parent  # only named in the replays' config; nothing is written there

@@ -29,7 +29,8 @@ How it runs (every stage resumes: `robustune study --resume STUDY_DIR`):
   2. each tuned entry: a search on validation data (`robustune.search`), its compute capped by `budget`;
   3. tuned entries, every seed: the best config retrained (same data, same model selection as untuned ones);
      refits far below the trial that chose their config, or with a failed run, get the next-best config
-     refitted too, and the entry keeps the better of the two on validation (`_refit_next_best_if_short`);
+     refitted too, and the entry keeps the one with fewer failed runs, then the better on validation
+     (`_refit_next_best_if_short`);
   4. every final run evaluated on the test split by the study's protocol, several at once (a Ray task each),
      each as soon as its run is trained: beside the stages still training, so slots do not idle (`Evaluations`);
   5. the leaderboard (`robustune.leaderboard`): Markdown, CSV, Parquet, two plots, on the study's MLflow run.
@@ -489,7 +490,7 @@ def _refit_next_best_if_short(state: StudyState, entry: Entry, log: Callable[[st
     chosen_on = ((read_summary(search.search_dir) or {}).get("best") or {}).get("metrics", {}).get("val_pgd_acc")
     winner_runs = sorted(state.runs_of(entry.label), key=lambda r: r.seed)
     winner_score = _mean_validation_pgd(state, winner_runs)
-    winner_failed = sum(1 for r in winner_runs if r.failed or not r.training)
+    winner_failed = _failed_count(winner_runs)
     failures = (f"{winner_failed} of its {len(winner_runs)} final runs failed (see their errors)"
                 if winner_failed else None)
     shortfall = "; ".join(filter(None, [refit_shortfall(winner_score, chosen_on), failures])) or None
@@ -521,7 +522,7 @@ def _refit_next_best_if_short(state: StudyState, entry: Entry, log: Callable[[st
         record.run_id, record.training = run_id_of(record.run_dir), finished_report(record.run_dir)
         record.failed = record.training is None
     runner_up_score = _mean_validation_pgd(state, records)
-    runner_up_failed = sum(1 for r in records if r.failed or not r.training)
+    runner_up_failed = _failed_count(records)
     if runner_up_failed != winner_failed:  # a config that trains on more seeds wins, whatever its mean
         kept = runner_up_failed < winner_failed and runner_up_score is not None
     else:
@@ -545,6 +546,11 @@ def _refit_next_best_if_short(state: StudyState, entry: Entry, log: Callable[[st
     log(f"[study] {entry.label}: refits' mean validation PGD: winner {_format_score(winner_score)} "
         f"({winner_failed} failed), next-best {_format_score(runner_up_score)} ({runner_up_failed} failed); the "
         f"entry keeps the {'next-best' if kept else 'winner'}'s runs")
+
+
+def _failed_count(records: list[RunRecord]) -> int:
+    """Final runs that ended without a report (a failed training, e.g. a non-finite loss)."""
+    return sum(1 for r in records if r.failed or not r.training)
 
 
 def _mean_validation_pgd(state: StudyState, records: list[RunRecord]) -> float | None:
