@@ -122,23 +122,17 @@ def remeasure_winners(defense: str, rows: list[dict], **settings) -> None:
         row["remeasured"] = measured[key]
 
 
-def mean_with_interval(values: list[float]) -> tuple[float, float | None, float | None]:
-    """The mean of `values` (differences paired by seed) and its 95% Student-t interval; no interval for one."""
-    from scipy.stats import t
-
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None, None
-    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return mean, mean - half, mean + half
-
-
 def with_interval(values: list[float]) -> str:
-    mean, low, high = mean_with_interval(values)
+    """The mean of `values` (differences paired by seed) with its 95% Student t interval; none for one value."""
+    from robustune.stats import seed_interval
+
+    mean, low, high = seed_interval(values)
     return f"{mean:+.1f}" + (f" [{low:+.1f}, {high:+.1f}]" if low is not None else "")
 
 
 def table(defense: str, grid: dict, others: list[dict], budget_s: float, remeasure_seeds: list[int]) -> list[str]:
+    from robustune.stats import seed_interval
+
     again = bool(remeasure_seeds)  # every row then has `remeasured`
     extra_head = f" re-measured (seeds {', '.join(map(str, remeasure_seeds))}) | gap re-measured |" if again else ""
     lines = [f"**{defense}** (grid {grid['trials']} points; budget for the others {budget_s:.0f} worker-s)", "",
@@ -177,7 +171,7 @@ def table(defense: str, grid: dict, others: list[dict], budget_s: float, remeasu
 
             met = meets(list(map(gap, rows)))
             if again:
-                _, low, high = mean_with_interval(mean_gaps_by_seed(rows))
+                _, low, high = seed_interval(mean_gaps_by_seed(rows))
                 unsettled = low is not None and low < -1 <= high
                 met += f" (re-measured: {meets(list(map(gap_again, rows)))}" + (
                     "; the interval spans -1: not settled" if unsettled else "") + ")"

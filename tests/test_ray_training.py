@@ -153,6 +153,15 @@ def test_cli_help_and_methods(tmp_path):
     for args in (["--help"], ["train", "--help"], ["methods", "--help"]):
         result = subprocess.run([sys.executable, "-m", "robustune.cli", *args], text=True, capture_output=True)
         assert result.returncode == 0 and "usage" in result.stdout
+    # Every subcommand's help renders (argparse formats help text with %: a bare "95%" once broke `report`).
+    import argparse
+
+    from robustune.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"train", "search", "study", "evaluate", "report", "sync"} <= set(commands)
+    for name, parser in commands.items():
+        assert parser.format_help().startswith(f"usage: robustune {name}"), name
     result = subprocess.run([sys.executable, "-m", "robustune.cli", "methods"], text=True, capture_output=True)
     lines = result.stdout.splitlines()
     assert any(line.split()[:2] == ["pgd", "11F11B"] for line in lines)

@@ -63,11 +63,13 @@ def test_one_seed_row_interval_is_the_wilson_interval_by_hand():
     assert (low, high) == pytest.approx(wilson_interval(50, 100))
 
 
-def test_row_interval_over_seeds_contains_every_seed_and_narrows_with_more_points():
+def test_row_interval_over_seeds_is_set_by_the_seeds_spread():
     reports = [{"aa_acc": 0.50, "n_aa": 300}, {"aa_acc": 0.56, "n_aa": 300}, {"aa_acc": 0.53, "n_aa": 300}]
     mean, low, high = accuracy_with_interval(reports, "aa")
-    assert mean == pytest.approx(0.53) and low < 0.50 < 0.56 < high
-    assert high - low < wilson_interval(159, 300)[1] - wilson_interval(159, 300)[0] + 0.06
+    # The seeds' spread sets it: sd 0.03 over 3 seeds, t(0.975, 2) = 4.302653: half-width 0.074524.
+    assert mean == pytest.approx(0.53) and (low, high) == pytest.approx((0.455476, 0.604524), abs=1e-6)
+    # The same accuracies on ten times the points: the seeds' spread is no smaller, so neither is the interval.
+    assert accuracy_with_interval([{**r, "n_aa": 3000} for r in reports], "aa")[1:] == pytest.approx((low, high))
     assert accuracy_with_interval([{"aa_acc": None, "n_aa": 0}], "aa") == (None, None, None)
 
 
@@ -196,3 +198,54 @@ def test_a_refit_far_below_the_trial_that_chose_it_is_flagged():
                        "trial that chose the config")
     assert _diagnostic_labels({"no_winner": None, "diagnostics": f"{warning} | seed 0: collapsed@3-4"}) \
         == "refit below search, collapsed"
+
+
+# Robust accuracy vs clean accuracy of the seeds study's 11 rows (the crowded case) and the demo's two close rows.
+CROWDED = [(0.746, 0.556, "trades (tuned)"), (0.739, 0.556, "efgsm (tuned)"), (0.736, 0.552, "fgsm_rs (tuned)"),
+           (0.689, 0.543, "fgsm_pgi (tuned)"), (0.710, 0.534, "pgd (tuned)"), (0.700, 0.504, "fgsm_sdi (tuned)"),
+           (0.686, 0.493, "slat (tuned)"), (0.656, 0.461, "las_at"), (0.610, 0.237, "atld (tuned)"),
+           (0.807, 0.185, "eae (tuned)"), (0.802, 0.170, "standard")]
+CLOSE_PAIR = [(0.740, 0.537, "fgsm_rs (tuned)"), (0.710, 0.534, "pgd (tuned)"), (0.656, 0.461, "las_at"),
+              (0.802, 0.170, "standard")]
+
+
+@pytest.mark.parametrize("labelled, size", [(CROWDED, (9.6, 6.4)), (CLOSE_PAIR, (7.2, 4.8))])
+def test_plot_labels_overlap_neither_each_other_nor_other_points_and_stay_inside(labelled, size):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from robustune.leaderboard import place_labels
+
+    fig, ax = plt.subplots(figsize=size, dpi=120)
+    ax.plot([x for x, _, _ in labelled], [y for _, y, _ in labelled], "o")
+    ax.margins(x=0.12, y=0.08)
+    fig.tight_layout()
+    annotations = place_labels(ax, labelled)
+    renderer = fig.canvas.get_renderer()
+    boxes = [a.get_window_extent(renderer) for a in annotations]
+    inside = ax.get_window_extent(renderer)
+    assert [a.get_text() for a in annotations] == [text for _, _, text in labelled]
+    for i, box in enumerate(boxes):
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, \
+            labelled[i][2]
+        for j, other in enumerate(boxes[:i]):
+            assert not box.overlaps(other), (labelled[i][2], labelled[j][2])
+        for j, (x, y, _) in enumerate(labelled):
+            if j != i:
+                px, py = ax.transData.transform((x, y))
+                assert not box.contains(px, py), (labelled[i][2], "covers the point of", labelled[j][2])
+    plt.close(fig)
+
+
+def test_the_leaderboard_plots_place_their_labels(tmp_path, monkeypatch):
+    from robustune import leaderboard
+
+    calls = []
+    monkeypatch.setattr(leaderboard, "place_labels", lambda ax, labelled, **kw: calls.append(labelled))
+    rows = [{**row(text, y, 0.5, None), "clean_ci_low": x - 0.01, "clean_ci_high": x + 0.01, "clean_mean": x}
+            for x, y, text in CLOSE_PAIR]
+    paths = leaderboard.plots(rows, tmp_path, "study t")
+    assert [p.name for p in paths] == ["robust_vs_clean.png", "robust_vs_compute.png"] and all(p.is_file() for p in paths)
+    assert [[text for _, _, text in labelled] for labelled in calls] == [[t for _, _, t in CLOSE_PAIR]] * 2

@@ -1,8 +1,9 @@
 """The study leaderboard: one row per defense, built from MLflow (final runs) and the searches' Parquet results.
 
 Columns: defense, tuned knobs, clean / PGD / AutoAttack / all-attacks accuracy as the mean over seeds with a
-95% interval (`<key>_ci_low`, `<key>_ci_high`: a bootstrap over seeds, then test points within each seed, so it
-holds seed-to-seed and test-point variation; one seed: the Wilson interval over its points) and the sample
+95% interval (`<key>_ci_low`, `<key>_ci_high`: the Student t interval over the seeds' accuracies, which holds
+seed-to-seed and test-point variation, never narrower than the Wilson interval of their points pooled; one
+seed: the Wilson interval over its points; robustune.stats.accuracy_interval) and the sample
 standard deviation over seeds (`<key>_std`), validation PGD accuracy at the selected epoch (`val_pgd_mean`, what
 the headline's baseline is chosen on), training compute per run, search trials and search compute, total compute
 (search + every seed's training + a warm start's training), overfitting alarms, evaluation warnings, training
@@ -11,8 +12,9 @@ search budget is measured in.
 
 The headline (`headline`) is a paired test: the featured defense against the best tuned baseline at its budget,
 that baseline picked on validation accuracy (never on test), their difference in robust accuracy (every attack)
-on the same seeds and test points with a paired-bootstrap 95% interval and McNemar's p (robustune.stats); it
-says "better" or "worse" only when the interval excludes 0. `robustune report --compare A B` runs the same test
+on the same seeds and test points with the t interval of the per-seed differences and the paired t-test's p
+(McNemar's with one seed; robustune.stats.paired_difference); it says "better" or "worse" only when the
+interval excludes 0. `robustune report --compare A B` runs the same test
 for any two rows.
 
 Training diagnostics (`diagnostics`, from each final run's MLflow metric history, by robustune.loop.diagnosis):
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import textwrap
@@ -36,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from robustune.html_report import write_html
-from robustune.stats import bootstrap_accuracy, paired_difference, verdict
+from robustune.stats import accuracy_interval, paired_difference, verdict
 from robustune.storage import Location, location, read_parquet, staging
 from robustune.study_state import DEFINITION_FILE, FIRST_SEED, RunRecord, StudyState, find_study_dir
 
@@ -55,22 +58,17 @@ def _mean_spread(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _counted_outcomes(accuracy: float, points: int) -> list[bool]:
-    """`points` outcomes with this accuracy: a bootstrap of one seed's points depends only on how many were
-    right, so the row interval needs the counts, not the points themselves (pairing does: `seed_outcomes`)."""
-    correct = round(accuracy * points)
-    return [True] * correct + [False] * (points - correct)
-
-
 def accuracy_with_interval(reports: list[dict[str, Any]], key: str) -> tuple[float | None, float | None,
                                                                                float | None]:
-    """(mean over seeds, 95% low, high) of one accuracy of a row's evaluation reports (bootstrap over seeds and
-    points; one seed: Wilson)."""
+    """(mean over seeds, 95% low, high) of one accuracy of a row's evaluation reports (t interval over seeds,
+    at least the pooled points' Wilson interval; one seed: Wilson). The counts suffice: pairing needs the
+    points themselves (`seed_outcomes`)."""
     name, count = ACCURACIES[key]
-    measured = [(r[name], int(r[count])) for r in reports if r.get(name) is not None and r.get(count)]
+    measured = [(round(r[name] * int(r[count])), int(r[count])) for r in reports
+                if r.get(name) is not None and r.get(count)]
     if not measured:
         return None, None, None
-    return bootstrap_accuracy([_counted_outcomes(value, n) for value, n in measured])
+    return accuracy_interval(measured)
 
 
 def validation_pgd(mlflow_client, run_id: str, selected_epoch: int | None) -> float | None:
@@ -390,6 +388,60 @@ def pareto_front(rows: list[dict[str, Any]], x_key: str, y_key: str) -> list[dic
     return sorted(front, key=lambda r: r[x_key])
 
 
+# Where a point's label may go, in points from the point: beside it first (right and above, then the other
+# corners), then farther out on rings with a thin line back to the point; the first place inside the axes and
+# clear of the other points and the labels already placed wins.
+NEAR_LABEL_OFFSETS = ((5, 3), (5, -3), (-5, 3), (-5, -3))
+FAR_LABEL_OFFSETS = tuple((round(radius * math.cos(math.radians(angle))), round(radius * math.sin(math.radians(angle))))
+                          for radius in (20, 34, 48) for angle in range(0, 360, 30))
+
+
+def place_labels(ax, labelled: list[tuple[float, float, str]], fontsize: float = 8) -> list:
+    """Annotate each (x, y, text) where it overlaps no other point and no label placed before it, inside the axes
+    (call once the axes' limits and layout are final: positions are measured on the drawn figure). A label away
+    from its point gets a thin line to it; one that fits nowhere takes the place with the least overlap."""
+    renderer = ax.figure.canvas.get_renderer()
+    ax.figure.canvas.draw()
+    axes_box = ax.get_window_extent(renderer)
+    marker = 4 * ax.figure.dpi / 72  # half a marker's width, in pixels
+    centres = [ax.transData.transform((x, y)) for x, y, _ in labelled]
+    placed, annotations = [], []
+
+    def overlap(box, own: int) -> float:
+        outside = (max(0.0, axes_box.x0 - box.x0) + max(0.0, box.x1 - axes_box.x1)
+                   + max(0.0, axes_box.y0 - box.y0) + max(0.0, box.y1 - axes_box.y1)) * box.height
+        others = [(cx - marker, cy - marker, cx + marker, cy + marker)
+                  for i, (cx, cy) in enumerate(centres) if i != own] + [(o.x0, o.y0, o.x1, o.y1) for o in placed]
+        return outside + sum(max(0.0, min(box.x1, x1) - max(box.x0, x0)) * max(0.0, min(box.y1, y1) - max(box.y0, y0))
+                             for x0, y0, x1, y1 in others)
+
+    for index, (x, y, text) in enumerate(labelled):
+        best = None
+        for dx, dy in NEAR_LABEL_OFFSETS + FAR_LABEL_OFFSETS:
+            far = (dx, dy) not in NEAR_LABEL_OFFSETS
+            annotation = ax.annotate(
+                text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                va="bottom" if dy > 0 else "top" if dy < 0 else "center",
+                # A white backing keeps the words readable across error bars.
+                bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+                arrowprops={"arrowstyle": "-", "linewidth": 0.8, "color": "0.25", "shrinkA": 0, "shrinkB": 4}
+                if far else None)
+            box = annotation.get_window_extent(renderer)
+            cost = overlap(box, index)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, annotation, box)
+            else:
+                annotation.remove()
+            if cost == 0:
+                break
+        placed.append(best[2])
+        annotations.append(best[1])
+    return annotations
+
+
 def plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[Path]:
     """Robust accuracy (every attack, mean over seeds, 95% interval as error bars) against clean accuracy and
     against total compute; the second marks the Pareto front (no other defense is both cheaper and more
@@ -405,14 +457,15 @@ def plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[Path]:
     for name, x_key, x_interval, x_label, log_x in (
             ("robust_vs_clean.png", "clean_mean", "clean", "clean accuracy (test, 95% interval)", False),
             ("robust_vs_compute.png", "total_s", None, "total compute incl. search (worker-seconds)", True)):
-        fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+        crowded = len(shown) > 6  # more room, so the labels can sit near their points
+        fig, ax = plt.subplots(figsize=(9.6, 6.4) if crowded else (7.2, 4.8), dpi=120)
         for r in shown:
             y_error = [[r[y_key] - r[f"{HEADLINE_METRIC}_ci_low"]], [r[f"{HEADLINE_METRIC}_ci_high"] - r[y_key]]]
             x_error = ([[r[x_key] - r[f"{x_interval}_ci_low"]], [r[f"{x_interval}_ci_high"] - r[x_key]]]
                        if x_interval else None)
-            ax.errorbar(r[x_key], r[y_key], xerr=x_error, yerr=y_error, fmt="o", capsize=3,
-                        color="tab:red" if r["tuned"] else "tab:blue")
-            ax.annotate(r["defense"], (r[x_key], r[y_key]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.errorbar(r[x_key], r[y_key], xerr=x_error, yerr=y_error, fmt="o", capsize=3, elinewidth=1,
+                        ecolor=("tab:red" if r["tuned"] else "tab:blue", 0.45),  # bars lighter than the points
+                        color="tab:red" if r["tuned"] else "tab:blue", zorder=3)
         if not x_interval and len(shown) > 1:
             front = pareto_front(shown, x_key, y_key)
             ax.step([r[x_key] for r in front], [r[y_key] for r in front], where="post", color="tab:green",
@@ -427,6 +480,7 @@ def plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[Path]:
                      fontsize=9)
         ax.grid(alpha=0.3)
         fig.tight_layout()
+        place_labels(ax, [(r[x_key], r[y_key], r["defense"]) for r in shown])
         path = folder / name
         fig.savefig(path)
         plt.close(fig)
@@ -456,8 +510,9 @@ def build(study_dir: str | Location, log: Callable[[str], None] = print,
              f"evaluation protocol {', '.join(protocols) or evaluation.get('protocol', 'quick')} "
              f"({evaluation.get('points', 1000)} attacked points per seed, {slices}); "
              f"gradient-masking checks {checked_models(evaluation)}.",
-             "Accuracies: mean over seeds [95% interval: bootstrap over seeds, then test points within each seed; "
-             "with one seed, the Wilson interval over its points]. `all attacks`: correct under every attack that "
+             "Accuracies: mean over seeds [95% interval: Student t over the seeds' accuracies, at least the Wilson "
+             "interval of their points pooled; with one seed, the Wilson interval over its points: with 3 seeds "
+             "the seeds' spread, not the test points, sets the width]. `all attacks`: correct under every attack that "
              "ran, per point (the deployed number). `val PGD`: validation PGD accuracy at the selected epoch, "
              "which the headline's baseline is chosen on.",
              "Compute: worker-seconds inside training epochs (validation included). A defense warm-started from "
@@ -533,7 +588,8 @@ def add_parser(commands) -> None:
                              f"<study>/{FOLDER}/{HTML_FILE}) to FILE (default: report-<study>.html here)")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
                         help="paired test of row A against row B (their labels as in the leaderboard): the "
-                             "difference of each accuracy with its 95% interval and McNemar's p; builds nothing")
+                             "difference of each accuracy with its 95%% interval and p-value (paired t over seeds; "
+                             "McNemar with one seed); builds nothing")
 
 
 def command(args: argparse.Namespace) -> int:
