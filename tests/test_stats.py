@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from robustune.stats import (accuracy_interval, mcnemar_p, paired_difference, seed_interval, verdict,
-                             wilson_interval)
+from robustune.stats import (accuracy_interval, mcnemar_p, paired_difference, seed_interval, seeds_to_settle,
+                             verdict, wilson_interval)
 
 
 def test_wilson_interval_matches_a_hand_computation():
@@ -87,7 +87,10 @@ def test_paired_difference_over_seeds_is_the_t_interval_of_the_per_seed_differen
     assert words.startswith("no significant difference in robust accuracy between A and B at this budget (+6.0 "
                             "points, 95% interval [-7.1, +19.1], paired t over 3 seeds p = 0.188 (per seed +2.0, "
                             "+4.0, +12.0), 1200 paired points over 3 seed(s))"), words
-    assert "these models differ on the pooled points (McNemar p = " in words and "more seeds would decide" in words
+    assert "these models differ on the pooled points (McNemar p = " in words
+    # mean 6, sd 5.2915: 5 seeds give t(4) 2.776 x 5.2915 / sqrt(5) = 6.57 > 6, 6 seeds 2.571 x 5.2915 / sqrt(6) = 5.55
+    assert words.endswith("; if the per-seed differences kept this mean and spread, 6 seeds would put 0 outside "
+                          "the interval"), words
     # One seed: the points are all there is; McNemar's exact p and the normal interval of the differences.
     one = paired_difference(a[2:], b[2:])
     assert one["test"] == "McNemar" and one["p_value"] == one["mcnemar_p"] == pytest.approx(2 * 0.5 ** 48)
@@ -109,6 +112,19 @@ def test_seed_interval_is_the_student_t_interval_by_hand():
     assert seed_interval([4.0]) == (4.0, None, None)
     with pytest.raises(ValueError, match="at least one"):
         seed_interval([])
+
+
+def test_seeds_to_settle_is_the_fewest_seeds_whose_t_interval_leaves_out_zero():
+    # Mean 2, sd 1: 3 seeds give 4.303 / sqrt(3) = 2.48 > 2, 4 seeds 3.182 / 2 = 1.59 < 2.
+    assert seeds_to_settle([1.0, 2.0, 3.0]) == 4 and seeds_to_settle([-1.0, -2.0, -3.0]) == 4
+    assert seeds_to_settle([0.5]) is None and seeds_to_settle([0.1, 0.1, 0.1]) is None  # no spread to scale
+    assert seeds_to_settle([1.0, -1.0, 0.5]) is None  # a mean this small against this spread: past 100 seeds
+    identical = verdict({"difference": 0.0, "low": -0.01, "high": 0.01, "p_value": 1.0, "test": "paired t over 3 seeds",
+                         "per_seed": [0.0, 0.0, 0.0], "mcnemar_p": 1.0, "points": 999, "seeds": 3}, "A", "B")
+    assert "seeds would" not in identical and "settle" not in identical
+    undecided = verdict({"difference": 0.0, "low": -0.1, "high": 0.1, "p_value": 1.0, "test": "paired t over 3 seeds",
+                         "per_seed": [0.05, -0.05, 0.0], "mcnemar_p": 0.9, "points": 999, "seeds": 3}, "A", "B")
+    assert undecided.endswith("; at this mean and spread, not even 100 seeds would settle it"), undecided
 
 
 def test_row_interval_holds_seed_and_point_variation():

@@ -13,6 +13,8 @@ spread, not the number of test points, decides how much a row or a difference ca
   slice): the mean of the per-seed accuracy differences, its t interval over seeds (never narrower than the
   test points' own noise) and the matching two-sided p-value; McNemar's exact p on the pooled points rides
   along: it says whether these trained models differ on these points, not whether another set of seeds would.
+- `seeds_to_settle`: how many seeds would put 0 outside that interval if the per-seed differences kept their
+  mean and spread (the verdict says it when it cannot decide: a size for the next study).
 Outcomes are 1-D boolean arrays (numpy, torch or lists); "by seed" means a list with one array per seed.
 
 Why not a bootstrap over seeds, then points (what robustune used before): with three seeds it cannot reach
@@ -149,6 +151,19 @@ def paired_difference(a_by_seed: Sequence[Any], b_by_seed: Sequence[Any], *, lev
             "only_a": int((pooled_a & ~pooled_b).sum()), "only_b": int((~pooled_a & pooled_b).sum())}
 
 
+MOST_SEEDS = 100  # seeds_to_settle stops looking here
+
+
+def seeds_to_settle(per_seed: Sequence[float], level: float = 0.95) -> int | None:
+    """The fewest seeds whose t interval would leave out 0 if the per-seed values kept the mean and standard
+    deviation these ones show: a figure to size the next study with, not a promise (a mean that holds gets there
+    about half the time). None without two seeds that differ, or past MOST_SEEDS."""
+    if len(per_seed) < 2 or statistics.stdev(per_seed) == 0:
+        return None
+    mean, spread = abs(statistics.fmean(per_seed)), statistics.stdev(per_seed)
+    return next((n for n in range(2, MOST_SEEDS + 1) if _t_quantile(n, level) * spread / math.sqrt(n) < mean), None)
+
+
 def verdict(comparison: dict[str, Any], a: str, b: str, what: str = "robust accuracy") -> str:
     """Words that follow the numbers: better / worse only when the interval excludes 0."""
     numbers = (f"{100 * comparison['difference']:+.1f} points, 95% interval [{100 * comparison['low']:+.1f}, "
@@ -161,8 +176,16 @@ def verdict(comparison: dict[str, Any], a: str, b: str, what: str = "robust accu
     if comparison["high"] < 0:
         return f"{a} is worse than {b} in {what} ({numbers})"
     words = f"no significant difference in {what} between {a} and {b} at this budget ({numbers})"
-    if comparison["seeds"] > 1 and comparison["mcnemar_p"] < 0.05:
+    if comparison["seeds"] < 2:
+        return words
+    if comparison["mcnemar_p"] < 0.05:
         # The trained models differ on these points, but another set of seeds might not: say which decides.
         words += (f"; these models differ on the pooled points (McNemar p = {comparison['mcnemar_p']:.3g}), but "
-                  "seed-to-seed variation keeps 0 inside the interval: more seeds would decide")
+                  "seed-to-seed variation keeps 0 inside the interval")
+    needed = seeds_to_settle(comparison["per_seed"])
+    if needed is not None:
+        words += (f"; if the per-seed differences kept this mean and spread, {needed} seeds would put 0 outside "
+                  "the interval")
+    elif statistics.fmean(comparison["per_seed"]) != 0 or len(set(comparison["per_seed"])) > 1:
+        words += f"; at this mean and spread, not even {MOST_SEEDS} seeds would settle it"
     return words
