@@ -96,6 +96,8 @@ def test_paired_difference_over_seeds_is_the_t_interval_of_the_per_seed_differen
     assert one["test"] == "McNemar" and one["p_value"] == one["mcnemar_p"] == pytest.approx(2 * 0.5 ** 48)
     assert one["low"] == pytest.approx(0.12 - 1.959964 * np.sqrt(0.12 * 0.88 / 400), abs=1e-6)
     assert "per seed" not in verdict(one, "A", "B")
+    assert verdict(one, "A", "B").endswith("400 paired points over 1 seed(s); one seed: these two models, not the "
+                                           "defenses in general)")
 
 
 def test_unpaired_inputs_are_refused():

@@ -171,6 +171,9 @@ def verdict(comparison: dict[str, Any], a: str, b: str, what: str = "robust accu
     if comparison["seeds"] > 1:
         numbers += f" (per seed {', '.join(f'{100 * value:+.1f}' for value in comparison['per_seed'])})"
     numbers += f", {comparison['points']} paired points over {comparison['seeds']} seed(s)"
+    if comparison["seeds"] < 2:
+        # One seed compares two trained models; how much another seed would move either is unmeasured.
+        numbers += "; one seed: these two models, not the defenses in general"
     if comparison["low"] > 0:
         return f"{a} is better than {b} in {what} ({numbers})"
     if comparison["high"] < 0:
