@@ -174,7 +174,8 @@ def _coverage(seed_sd: float, simulations: int, rng: np.random.Generator) -> dic
         result = paired_difference(a, b)
         hits["difference"] += result["low"] <= 0 <= result["high"]
         halves["difference"] += (result["high"] - result["low"]) / 2
-    return {**{k: v / simulations for k, v in hits.items()}, **{f"{k} half": v / simulations for k, v in halves.items()}}
+    return {**{k: v / simulations for k, v in hits.items()},
+            **{f"{k} half": v / simulations for k, v in halves.items()}}
 
 
 def test_intervals_over_three_seeds_hold_the_truth_as_often_as_they_claim():

@@ -247,5 +247,6 @@ def test_the_leaderboard_plots_place_their_labels(tmp_path, monkeypatch):
     rows = [{**row(text, y, 0.5, None), "clean_ci_low": x - 0.01, "clean_ci_high": x + 0.01, "clean_mean": x}
             for x, y, text in CLOSE_PAIR]
     paths = leaderboard.plots(rows, tmp_path, "study t")
-    assert [p.name for p in paths] == ["robust_vs_clean.png", "robust_vs_compute.png"] and all(p.is_file() for p in paths)
+    assert [p.name for p in paths] == ["robust_vs_clean.png", "robust_vs_compute.png"]
+    assert all(p.is_file() for p in paths)
     assert [[text for _, _, text in labelled] for labelled in calls] == [[t for _, _, t in CLOSE_PAIR]] * 2

@@ -511,8 +511,8 @@ def build(study_dir: str | Location, log: Callable[[str], None] = print,
              f"({evaluation.get('points', 1000)} attacked points per seed, {slices}); "
              f"gradient-masking checks {checked_models(evaluation)}.",
              "Accuracies: mean over seeds [95% interval: Student t over the seeds' accuracies, at least the Wilson "
-             "interval of their points pooled; with one seed, the Wilson interval over its points: with 3 seeds "
-             "the seeds' spread, not the test points, sets the width]. `all attacks`: correct under every attack that "
+             "interval of their points pooled; with one seed, the Wilson interval over its points: with a few seeds "
+             "their spread, not the test points, sets the width]. `all attacks`: correct under every attack that "
              "ran, per point (the deployed number). `val PGD`: validation PGD accuracy at the selected epoch, "
              "which the headline's baseline is chosen on.",
              "Compute: worker-seconds inside training epochs (validation included). A defense warm-started from "
