@@ -267,7 +267,16 @@ def two_nodes(s3, tmp_path_factory):
                              "--include-dashboard=false", f"--temp-dir={temp}", "--block"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
-    hidden = ("mount -t tmpfs tmpfs /tmp && exec " + " ".join(
+    # The second node's /tmp is a private tmpfs. A checkout or virtual environment under /tmp is bound back into
+    # it (from the old /tmp, still the shell's working directory once the tmpfs covers it: --no-canonicalize, or
+    # mount would resolve the path in the new /tmp), else that node could not even start `ray`; nothing else of
+    # the driver's /tmp shows there.
+    under_tmp = {os.path.relpath(path, "/tmp") for path in (str(Path(__file__).resolve().parents[1]),
+                                                            os.path.realpath(sys.prefix)) if path.startswith("/tmp/")}
+    needed = sorted(rel for rel in under_tmp if not any(rel.startswith(other + "/") for other in under_tmp))
+    keep = "".join(f'mkdir -p "/tmp/{rel}" && mount --no-canonicalize --bind "./{rel}" "/tmp/{rel}" && '
+                   for rel in needed)
+    hidden = ("cd /tmp && mount -t tmpfs tmpfs /tmp && " + keep + "cd / && exec " + " ".join(
         [ray, "start", f"--address={address}", "--num-cpus=2", "--num-gpus=0", "--block"]))
     second = None
     try:
@@ -281,7 +290,8 @@ def two_nodes(s3, tmp_path_factory):
             nodes = ray_nodes(address, env)
             if len(nodes) == 2:
                 break
-            assert second.poll() is None and time.time() < deadline, f"the second node did not join: {nodes}"
+            assert second.poll() is None, f"the second node's `ray start` exited with {second.returncode}: {nodes}"
+            assert time.time() < deadline, f"the second node did not join in 120 s: {nodes}"
             time.sleep(1)
         yield {"address": address, "env": {**env, "RAY_ADDRESS": address}, "nodes": nodes}
     finally:
