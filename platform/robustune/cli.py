@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "study", help="run a study: tune and train several defenses the same way, evaluate, build the leaderboard",
         description="Run a study definition (YAML; default: the shipped default study, LAS-AT against PGD-AT tuned "
                     "on LAS-AT's training compute, with tuned FGSM-RS and standard training as reference rows, on "
-                    "Fashion-MNIST, 3 seeds): searches on validation data, "
+                    "Fashion-MNIST, 6 seeds): searches on validation data, "
                     "final runs over the study's seeds, one fixed evaluation protocol on the test split, and the "
                     "leaderboard. Everything is logged under one MLflow parent run; an interrupted study continues "
                     "with --resume.",
