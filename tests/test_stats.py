@@ -127,6 +127,10 @@ def test_seeds_to_settle_is_the_fewest_seeds_whose_t_interval_leaves_out_zero():
     undecided = verdict({"difference": 0.0, "low": -0.1, "high": 0.1, "p_value": 1.0, "test": "paired t over 3 seeds",
                          "per_seed": [0.05, -0.05, 0.0], "mcnemar_p": 0.9, "points": 999, "seeds": 3}, "A", "B")
     assert undecided.endswith("; at this mean and spread, not even 100 seeds would settle it"), undecided
+    # Seeds that agree exactly, undecided only by the points' noise: no seed count is named.
+    agreeing = verdict({"difference": 0.01, "low": -0.02, "high": 0.04, "p_value": 0.5, "test": "paired t over 3 seeds",
+                        "per_seed": [0.01, 0.01, 0.01], "mcnemar_p": 0.5, "points": 999, "seeds": 3}, "A", "B")
+    assert agreeing.endswith("999 paired points over 3 seed(s))"), agreeing
 
 
 def test_row_interval_holds_seed_and_point_variation():

@@ -54,6 +54,10 @@ def _t_quantile(seeds: int, level: float) -> float:
     return float(distributions.t.ppf(1 - (1 - level) / 2, seeds - 1))
 
 
+def _normal_quantile(level: float) -> float:
+    return float(distributions.norm.ppf(1 - (1 - level) / 2))
+
+
 def seed_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float | None, float | None]:
     """(mean, low, high) of per-seed values (accuracies, or differences paired by seed): the Student t interval
     over the seeds; no interval (None, None) for one value."""
@@ -75,7 +79,7 @@ def accuracy_interval(counts: Sequence[tuple[int, int]], level: float = 0.95) ->
         raise ValueError("accuracy_interval: need at least one seed")
     for correct, n in counts:
         wilson_interval(correct, n)  # the same checks: n > 0, 0 <= correct <= n
-    z = float(distributions.norm.ppf(1 - (1 - level) / 2))
+    z = _normal_quantile(level)
     pooled_low, pooled_high = wilson_interval(sum(c for c, _ in counts), sum(n for _, n in counts), z)
     mean, low, high = seed_interval([c / n for c, n in counts], level)
     if low is None:
@@ -134,7 +138,7 @@ def paired_difference(a_by_seed: Sequence[Any], b_by_seed: Sequence[Any], *, lev
     difference = statistics.fmean(per_seed)
     # The mean of independent per-seed means: its variance from the points alone is sum(var_s / n_s) / seeds^2.
     points_error = math.sqrt(sum(float(d.var()) / d.size for d in differences)) / seeds
-    z = float(distributions.norm.ppf(1 - (1 - level) / 2))
+    z = _normal_quantile(level)
     half, p_value = z * points_error, _two_sided_p(difference, points_error, distributions.norm)
     pooled_a, pooled_b = np.concatenate(a_arrays), np.concatenate(b_arrays)
     mcnemar = mcnemar_p(pooled_a, pooled_b)
@@ -185,10 +189,10 @@ def verdict(comparison: dict[str, Any], a: str, b: str, what: str = "robust accu
         # The trained models differ on these points, but another set of seeds might not: say which decides.
         words += (f"; these models differ on the pooled points (McNemar p = {comparison['mcnemar_p']:.3g}), but "
                   "seed-to-seed variation keeps 0 inside the interval")
-    needed = seeds_to_settle(comparison["per_seed"])
-    if needed is not None:
+    # Seeds that agree exactly leave only the points' noise: more seeds of the same spread is no answer there.
+    if statistics.stdev(comparison["per_seed"]) > 0:
+        needed = seeds_to_settle(comparison["per_seed"])
         words += (f"; if the per-seed differences kept this mean and spread, {needed} seeds would put 0 outside "
-                  "the interval")
-    elif statistics.fmean(comparison["per_seed"]) != 0 or len(set(comparison["per_seed"])) > 1:
-        words += f"; at this mean and spread, not even {MOST_SEEDS} seeds would settle it"
+                  "the interval" if needed else f"; at this mean and spread, not even {MOST_SEEDS} seeds would "
+                  "settle it")
     return words
