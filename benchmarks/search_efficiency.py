@@ -21,7 +21,8 @@ configs the same initial weights and validation split, so a seed that trains slo
 out). The mean row's interval is over the same seeds of the mean gap across searcher seeds; where it reaches
 both sides of -1 point, the re-measure cannot say whether the mean target is met and the table says so.
 FGSM-RS's runs differ by several points from seed to seed (some seeds collapse), so two seeds cannot settle a
-1-point target. `--remeasure-seeds` with no value skips the re-measure.
+1-point target. A re-measuring run that fails before its first epoch ends (no result) is counted as failed in the
+table and left out of its config's gaps. `--remeasure-seeds` with no value skips the re-measure.
 
 Spaces: FGSM-RS uses its shipped space (step alpha / eps, learning rate); PGD-AT uses its shipped ranges for
 alpha / eps and learning rate with 5 steps and the training radius fixed (`benchmarks/spaces/pgd_2d.yaml`), so
@@ -86,9 +87,11 @@ def search(defense: str, searcher: str, scheduler: str, *, seed: int, epochs: in
 
 
 def remeasure(defense: str, params: dict, *, seeds: list[int], epochs: int, base_overrides: list[str],
-              workdir: Path, name: str) -> list[float]:
+              workdir: Path, name: str) -> list[float | None]:
     """The best validation PGD accuracy of `params` trained with each of `seeds`, in that order (a grid search
-    over the training seed alone, every trial to the last epoch, as many at once as the CPUs fit)."""
+    over the training seed alone, every trial to the last epoch, as many at once as the CPUs fit); None for a
+    run that reported nothing (it failed before its first epoch ended, e.g. a non-finite loss): the table
+    leaves that seed out of this config's gaps and says so, rather than losing the benchmark's work."""
     import pandas as pd
     import yaml
 
@@ -102,11 +105,13 @@ def remeasure(defense: str, params: dict, *, seeds: list[int], epochs: int, base
                               grid_points=1, space_file=str(space_file))
     base = base_config(defense, name, base_overrides, workdir)
     summary = start_search(settings, base, log=lambda _: None)
-    rows = pd.read_parquet(Path(summary["search_dir"]) / RESULTS_FILE)
-    if len(rows) != len(seeds) or rows["best.objective"].isna().any():
-        raise SystemExit(f"re-measuring {defense} {params}: {len(rows)} of {len(seeds)} runs reported a result")
+    rows = pd.read_parquet(Path(summary["search_dir"]) / RESULTS_FILE).dropna(subset=["best.objective"])
     by_seed = dict(zip(rows["param.seed"].astype(int), rows["best.objective"].astype(float)))
-    return [by_seed[seed] for seed in seeds]
+    failed = [seed for seed in seeds if seed not in by_seed]
+    if failed:
+        print(f"re-measuring {defense} {params}: seed(s) {failed} reported no result (failed before an epoch "
+              "ended); left out of this config's gaps", flush=True)
+    return [by_seed.get(seed) for seed in seeds]
 
 
 def remeasure_winners(defense: str, rows: list[dict], **settings) -> None:
@@ -146,23 +151,34 @@ def table(defense: str, grid: dict, others: list[dict], budget_s: float, remeasu
     def gap(row: dict) -> float:
         return 100 * (row["best_val_pgd"] - grid["best_val_pgd"])
 
-    def gaps_again(row: dict) -> list[float]:  # per re-measuring seed, paired with the grid winner's run
-        return [100 * (mine - grids) for mine, grids in zip(row["remeasured"], grid["remeasured"])]
+    def gaps_by_seed(row: dict) -> list[float | None]:  # per re-measuring seed, paired with the grid winner's run
+        return [None if mine is None or grids is None else 100 * (mine - grids)  # None: either run failed
+                for mine, grids in zip(row["remeasured"], grid["remeasured"])]
+
+    def gaps_again(row: dict) -> list[float]:
+        return [gap for gap in gaps_by_seed(row) if gap is not None]
 
     def gap_again(row: dict) -> float:
         return statistics.fmean(gaps_again(row))
 
     def mean_gaps_by_seed(rows: list[dict]) -> list[float]:  # per re-measuring seed: the mean over searcher seeds
-        return [statistics.fmean(gaps) for gaps in zip(*map(gaps_again, rows))]
+        by_seed = [[gap for gap in gaps if gap is not None] for gaps in zip(*map(gaps_by_seed, rows))]
+        return [statistics.fmean(gaps) for gaps in by_seed if gaps]
+
+    def measured(values: list[float | None]) -> str:  # the mean of a config's finished re-measuring runs
+        finished = [value for value in values if value is not None]
+        failed = len(values) - len(finished)
+        return (f"{statistics.fmean(finished):.4f}" if finished else "-") + (f" ({failed} failed)" if failed else "")
 
     for row in [grid, *others]:
-        gap_text = "+0.0" if row is grid else with_interval(gaps_again(row))
-        extra = f" {statistics.fmean(row['remeasured']):.4f} | {gap_text} |" if again else ""
+        gap_text = "+0.0" if row is grid else (with_interval(gaps_again(row)) if gaps_again(row) else "-")
+        extra = f" {measured(row['remeasured'])} | {gap_text} |" if again else ""
         lines.append(f"| {row['searcher']} | {row['seed']} | {row['trials']} ({row['full_trials']}) "
                      f"| {row['compute_s']:.0f} | {share(row):.2f} | {row['wall_s']:.0f} | {row['best_val_pgd']:.4f} "
                      f"| {gap(row):+.1f} |{extra} |")
     for searcher in dict.fromkeys(row["searcher"] for row in others):
         rows = [row for row in others if row["searcher"] == searcher]
+        paired = [row for row in rows if again and gaps_again(row)]  # re-measured on a seed the grid's also finished
         mean_gap, worst_share = sum(map(gap, rows)) / len(rows), max(map(share, rows))
         met = ""
         if searcher == "TPE + ASHA":  # the target: mean gap >= -1, every seed's >= -2, at most 1/3 of the compute
@@ -170,15 +186,18 @@ def table(defense: str, grid: dict, others: list[dict], budget_s: float, remeasu
                 return "yes" if sum(gaps) / len(gaps) >= -1 and min(gaps) >= -2 and worst_share <= 1 / 3 else "no"
 
             met = meets(list(map(gap, rows)))
-            if again:
-                _, low, high = seed_interval(mean_gaps_by_seed(rows))
+            if again and paired:
+                _, low, high = seed_interval(mean_gaps_by_seed(paired))
                 unsettled = low is not None and low < -1 <= high
-                met += f" (re-measured: {meets(list(map(gap_again, rows)))}" + (
+                met += f" (re-measured: {meets(list(map(gap_again, paired)))}" + (
                     "; the interval spans -1: not settled" if unsettled else "") + ")"
         mean_compute = sum(r["compute_s"] for r in rows) / len(rows)
-        extra = (f" {statistics.fmean(statistics.fmean(r['remeasured']) for r in rows):.4f} | "
-                 f"**{with_interval(mean_gaps_by_seed(rows))}** (worst {min(map(gap_again, rows)):+.1f}) |"
-                 if again else "")
+        extra = ""
+        if again:
+            finished = [value for r in rows for value in r["remeasured"] if value is not None]
+            extra = f" {statistics.fmean(finished):.4f} |" if finished else " - |"
+            extra += (f" **{with_interval(mean_gaps_by_seed(paired))}** (worst {min(map(gap_again, paired)):+.1f}) |"
+                      if paired else " - |")
         lines.append(f"| **{searcher}, mean of {len(rows)} seed(s)** | | | {mean_compute:.0f} "
                      f"| {worst_share:.2f} (most) | | {sum(r['best_val_pgd'] for r in rows) / len(rows):.4f} "
                      f"| **{mean_gap:+.1f}** (worst {min(map(gap, rows)):+.1f}) |{extra} {met} |")

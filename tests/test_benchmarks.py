@@ -156,6 +156,20 @@ def test_search_efficiency_pairs_the_re_measured_gaps_by_seed_and_says_when_they
                     if r[0].startswith("**TPE"))
     assert far_mean[10] == "no (re-measured: no)"
 
+    # A re-measuring run that failed before its first epoch ended reports nothing (None): its seed drops out of
+    # that config's gaps, the table says how many failed, and the benchmark's other results survive.
+    grid = row("grid", 0, [0.60, None, 0.30], best=0.60)
+    others = [row("TPE + ASHA", 0, [0.59, 0.58, 0.28]), row("TPE + ASHA", 1, [0.60, 0.59, None]),
+              row("random", 0, [None, None, None])]
+    rows = table_rows("\n".join(se.table("fgsm_rs", grid, others, 30.0, [1, 2, 3])))
+    assert rows[0][8] == "0.4500 (1 failed)" and rows[2][8] == "0.5950 (1 failed)" and rows[3][8] == "- (3 failed)"
+    assert rows[1][9].startswith("-1.5 [")  # seeds 1 and 3: -1 and -2 points
+    assert rows[2][9] == "+0.0" and rows[3][9] == "-"  # seed 1 alone: no interval; nothing to pair
+    tpe_mean = next(r for r in rows if r[0].startswith("**TPE"))
+    assert tpe_mean[9].startswith("**-1.2 [") and "(worst -1.5)" in tpe_mean[9]  # seed 1: -0.5, seed 3: -2
+    random_mean = next(r for r in rows if r[0].startswith("**random"))
+    assert random_mean[8:10] == ["-", "-"]
+
 
 @pytest.mark.slow
 def test_search_efficiency_re_measures_every_winner_with_fresh_seeds(tmp_path):

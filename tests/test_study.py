@@ -412,6 +412,8 @@ def test_refits_that_fall_short_of_their_trial_get_the_next_best_config_refitted
     from mlflow import MlflowClient
 
     from robustune import leaderboard
+    from robustune.checkpoints import latest_checkpoint, load_checkpoint
+    from robustune.resolve import resolve_config
     from robustune.run import finished_report, run_id_of
     from robustune.search import next_best
     from robustune.study import NEXT_BEST, _refit_next_best_if_short, _search
@@ -438,6 +440,8 @@ def test_refits_that_fall_short_of_their_trial_get_the_next_best_config_refitted
     run_ids = [run_id_of(d) for d in winner_dirs + next_dirs if run_id_of(d)]
     kinds = {run_id: client.get_run(run_id).data.tags["kind"] for run_id in run_ids}
     names = {run_id: client.get_run(run_id).info.run_name for run_id in run_ids}
+    failed_report = Path(winner_dirs[1]) / "report.json"
+    aside = failed_report.with_name("report.json.aside")
     lines: list[str] = []
     try:
         state = undecided()
@@ -488,16 +492,24 @@ def test_refits_that_fall_short_of_their_trial_get_the_next_best_config_refitted
         state = undecided()
         failed = state.runs[f"{entry.label}|1"]
         failed.training, failed.failed = None, True
+        failed_report.rename(aside)  # as a run that failed after its last checkpoint leaves it: no report
         _refit_next_best_if_short(state, entry, lines.append)
         decision = state.searches[entry.label].next_best
         assert any("1 of its 2 final runs failed" in line and "refitting the next-best config" in line
                    for line in lines), lines
         assert decision["winner_failed"] == 1 and decision["refit_failed"] == 0 and decision["kept"]
+        # The unused runs' compute counts the failed one's too, up to its last checkpoint.
+        workers = resolve_config(state.study.base).resources.num_workers
+        spent = [finished_report(winner_dirs[0])["train_seconds"],
+                 load_checkpoint(latest_checkpoint(winner_dirs[1]))["total_seconds"]]
+        assert spent[1] > 0 and decision["unused_train_s"] == pytest.approx(sum(spent) * workers)
         assert sorted(r.run_dir for r in StudyState.load(tiny_study["dir"]).runs_of(entry.label)) == next_dirs
         rows, _ = leaderboard.collect_rows(tiny_study["dir"])
         row = next(r for r in rows if r["defense"] == entry.label)
         assert "1 of the winner's refits failed" in row["diagnostics"], row["diagnostics"]
     finally:
+        if aside.exists():
+            aside.rename(failed_report)
         study_file.write_bytes(saved)
         for run_id, kind in kinds.items():
             client.set_tag(run_id, "kind", kind)

@@ -147,3 +147,24 @@ def test_warm_start_from_checkpoint(tmp_path):
     warm = make_loop("standard", f"train.init_from={tmp_path / 'final.pt'}")
     for key, value in source.model.state_dict().items():
         assert torch.equal(value, warm.model.state_dict()[key])
+
+
+def test_a_failed_run_counts_the_training_seconds_of_its_last_checkpoint(tmp_path):
+    """A study's compute (the unused refits an entry counts, its utilization) includes runs that failed: a run
+    folder without a report counts what its newest checkpoint says it spent; with a report, the report's."""
+    import json
+
+    from robustune.checkpoints import save_checkpoint
+    from robustune.run import REPORT_FILE, train_seconds_spent
+
+    assert train_seconds_spent(tmp_path) == 0.0  # nothing saved yet
+    loop = make_loop("standard", "train.epochs=2")
+    loop.run_epoch()
+    save_checkpoint(loop.state_dict(), tmp_path / "epoch_001" / "state.pt")
+    first = loop.total_seconds
+    loop.run_epoch()
+    save_checkpoint(loop.state_dict(), tmp_path / "epoch_002" / "state.pt")
+    assert 0 < first < loop.total_seconds
+    assert train_seconds_spent(tmp_path) == pytest.approx(loop.total_seconds)  # failed after epoch 2: no report
+    (tmp_path / REPORT_FILE).write_text(json.dumps({"train_seconds": 123.5}))
+    assert train_seconds_spent(tmp_path) == 123.5

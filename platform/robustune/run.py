@@ -137,6 +137,21 @@ def finished_report(path: str | Location) -> dict[str, Any] | None:
     return json.loads(report.read_text()) if report.is_file() else None
 
 
+def train_seconds_spent(path: str | Location) -> float:
+    """Seconds inside training epochs of a run folder: its report's, or for a run that failed (no report) its newest
+    checkpoint's running total (the epoch it failed in is lost), or 0 when it saved none (or it does not load)."""
+    report = finished_report(path)
+    if report is not None:
+        return float(report["train_seconds"])
+    newest = latest_checkpoint(path)
+    if newest is None:
+        return 0.0
+    try:
+        return float(load_checkpoint(newest).get("total_seconds", 0.0))
+    except CheckpointError:
+        return 0.0
+
+
 def run_id_of(path: str | Location) -> str | None:
     """The MLflow run id of a run folder, or None when it has not been created yet."""
     run_file = location(path) / RUN_FILE

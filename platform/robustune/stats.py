@@ -22,6 +22,13 @@ past the best or the worst seed, and it counts the points' noise twice. In 1000 
 333 points whose seeds differ by a standard deviation of 5 and 10 points (what these short-trained models
 show), its 95% interval held the true row mean 89% and 76% of the time and the true difference 86% and 78%;
 the intervals here held them 97% and 94%, 96% and 95% (tests/test_stats.py checks the coverage).
+
+Why not treat the points' binomial noise as known and estimate only the seeds' own spread (a variance-component
+interval with Satterthwaite's degrees of freedom): it is narrower when seeds agree (about the pooled Wilson
+interval, where the t interval over six seeds is on average 1.3 times wider), but the seeds' spread is still
+estimated from a few seeds, and where that estimate comes out small by chance both the variance and the quantile
+shrink. In 3000 simulated rows whose seeds differ by 5 points it held the truth 89% of the time over 3 seeds x
+333 points and 92% over 6 x 167 (the t interval: 96%).
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ from robustune.config import ConfigError, EvalConfig, apply_override, build_data
 from robustune.resolve import resolve_config
 from robustune.study_state import (DEFINITION_FILE, FIRST_SEED, Entry, RunRecord, SearchRecord, Study, StudyState,
                                    is_study_dir)
-from robustune.run import FINAL_MODEL_FILE, finished_report, run_id_of
+from robustune.run import FINAL_MODEL_FILE, finished_report, run_id_of, train_seconds_spent
 from robustune.storage import Location, check_nodes_see, check_storage, location, output_root, ray_storage
 from robustune.trials import (TrialOutcomes, TrialPlan, TrialProgress, TrialRun, first_error_line, trainable,
                               tune_failures)
@@ -372,14 +372,19 @@ def run_stages(study_dir: Location, log: Callable[[str], None],
     return study_dir
 
 
+def _train_seconds(record: RunRecord) -> float:
+    """Seconds a final run spent inside training epochs; a failed run's up to its last checkpoint."""
+    return record.training["train_seconds"] if record.training else train_seconds_spent(record.run_dir)
+
+
 def utilization(state: StudyState) -> dict[str, float]:
-    """Busy worker-seconds (training epochs of final runs and search trials, and evaluation) over the study's
-    wall time x its slots. An evaluation counts its wall time x the workers' shares it held (one; one recorded
-    without them ran in the driver while its AutoAttack shards filled every slot)."""
+    """Busy worker-seconds (training epochs of final runs, failed ones' too, and of search trials, and evaluation)
+    over the study's wall time x its slots. An evaluation counts its wall time x the workers' shares it held (one;
+    one recorded without them ran in the driver while its AutoAttack shards filled every slot)."""
     from robustune.leaderboard import search_compute
 
     workers = resolve_config(state.study.base).resources.num_workers
-    training_s = sum(r.training["train_seconds"] * workers for r in state.runs.values() if r.training)
+    training_s = sum(_train_seconds(r) * workers for r in state.runs.values())
     search_s = sum(search_compute(s.search_dir)[1] for s in state.searches.values())
     evaluation_s = sum((r.evaluation_s or 0.0) * (r.evaluation_slots or state.slots) for r in state.runs.values())
     busy = training_s + search_s + evaluation_s
@@ -478,8 +483,8 @@ def _refit_next_best_if_short(state: StudyState, entry: Entry, log: Callable[[st
     seeds; the test split plays no part). Once per entry: the decision is saved
     (SearchRecord.next_best, refit_checked), so a resumed study neither repeats nor forgets it, and the entry's
     runs are evaluated only after it (no unused run is tested); the unused runs keep their folders and MLflow
-    runs (tag kind=study_refit_unused, named "... (unused refit)") and their compute counts in the entry's
-    total."""
+    runs (tag kind=study_refit_unused, named "... (unused refit)") and their compute (a failed one's up to its last
+    checkpoint) counts in the entry's total."""
     from robustune import tracking
     from robustune.leaderboard import refit_shortfall
     from robustune.search import format_params, next_best, read_summary
@@ -531,8 +536,7 @@ def _refit_next_best_if_short(state: StudyState, entry: Entry, log: Callable[[st
     workers = resolve_config(state.study.base).resources.num_workers
     search.next_best = {**runner_up, "winner_refit_val_pgd": winner_score, "refit_val_pgd": runner_up_score,
                         "winner_failed": winner_failed, "refit_failed": runner_up_failed,
-                        "kept": kept, "unused_train_s": sum(r.training["train_seconds"] * workers
-                                                            for r in unused if r.training)}
+                        "kept": kept, "unused_train_s": sum(_train_seconds(r) * workers for r in unused)}
     for record in unused:  # in the MLflow UI: not a final run, and named so
         if record.run_id:
             tracking.set_tag(state.tracking_uri, record.run_id, "kind", UNUSED_REFIT)
