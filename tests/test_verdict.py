@@ -200,6 +200,26 @@ def test_a_refit_far_below_the_trial_that_chose_it_is_flagged():
         == "refit below search, collapsed"
 
 
+def test_notes_shared_by_seeds_name_the_seeds_once_and_long_notes_are_cut_at_a_word():
+    """Ten seeds raising the same evaluation warning make one note ('seeds 0-9: ...'), not ten that the 600-character
+    cut stops in the middle of a word; seeds whose notes differ keep their own."""
+    from robustune.leaderboard import NOTE_CHARACTERS, _clip, by_seed, seed_list
+
+    assert [seed_list(s) for s in ([3], [0, 1], [0, 1, 2], list(range(10)), [7, 0, 1, 2, 3], [0, 2, 4, 5])] == [
+        "seed 3", "seeds 0, 1", "seeds 0-2", "seeds 0-9", "seeds 0-3, 7", "seeds 0, 2, 4, 5"]
+    dynamic = "it seems to be a dynamic defense! The evaluation with AutoAttack might be insufficient. (x2)"
+    assert by_seed([(seed, dynamic) for seed in range(10)]) == f"seeds 0-9: {dynamic}"
+    assert by_seed([(0, "overfit@3"), (1, "label_leak@1-3"), (2, "overfit@3")]) == \
+        "seeds 0, 2: overfit@3 | seed 1: label_leak@1-3"
+    assert by_seed([]) == ""
+    long = " | ".join(f"seed {seed}: policy_entropy 6.6{seed} -> 4.2{seed}, policy_reward 3.5 -> 5.2"
+                      for seed in range(20))
+    cut = _clip(long)
+    assert len(cut) <= NOTE_CHARACTERS + 4 and cut.endswith(" ...") and long.startswith(cut[:-4])
+    assert long[len(cut) - 4] == " "  # cut where a word ends
+    assert _clip("short note") == "short note"
+
+
 # Robust accuracy vs clean accuracy of the seeds study's 11 rows (the crowded case) and the demo's two close rows.
 CROWDED = [(0.746, 0.556, "trades (tuned)"), (0.739, 0.556, "efgsm (tuned)"), (0.736, 0.552, "fgsm_rs (tuned)"),
            (0.689, 0.543, "fgsm_pgi (tuned)"), (0.710, 0.534, "pgd (tuned)"), (0.700, 0.504, "fgsm_sdi (tuned)"),

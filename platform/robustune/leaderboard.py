@@ -145,6 +145,27 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:#.3g}"  # a count as such, else 2.30
 
 
+def seed_list(seeds: list[int]) -> str:
+    """'seed 3', 'seeds 0, 1', 'seeds 0-9', 'seeds 0-3, 7': runs of three or more consecutive seeds as ranges."""
+    runs: list[list[int]] = []
+    for seed in sorted(seeds):
+        if runs and seed == runs[-1][-1] + 1:
+            runs[-1].append(seed)
+        else:
+            runs.append([seed])
+    parts = [f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)) for run in runs]
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(parts)}"
+
+
+def by_seed(notes: list[tuple[int, str]]) -> str:
+    """Per-seed notes as 'seed 0: a | seed 1: b', the seeds that share a text named once ('seeds 0-9: a'): ten
+    seeds that all raise the same warning make one line, not ten."""
+    seeds_of: dict[str, list[int]] = {}
+    for seed, text in notes:
+        seeds_of.setdefault(text, []).append(seed)
+    return " | ".join(f"{seed_list(seeds)}: {text}" for text, seeds in seeds_of.items())
+
+
 def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]:
     from robustune import tracking
     from robustune.defense import defense_class
@@ -161,8 +182,10 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
         train_s: list[float] = []
         reports: list[dict[str, Any]] = []
         validation: list[float] = []
-        alarms, warnings, failed, protocols = 0, [], 0, set()
-        diagnostics, progress = [], []
+        alarms, failed, protocols = 0, 0, set()
+        diagnostics: list[str] = []
+        # (seed, text) notes, written with the seeds that share a text named once
+        warnings, seed_diagnostics, progress = [], [], []
         progress_names = defense_class(entry.defense).progress_metrics
         search = state.searches.get(entry.label)
         no_winner = search_no_winner(search.search_dir) if search else None
@@ -182,14 +205,14 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
             if score is not None:
                 validation.append(score)
             if run.data.tags.get("eval/warning"):
-                warnings.append(f"seed {record.seed}: {run.data.tags['eval/warning']}")
+                warnings.append((record.seed, run.data.tags["eval/warning"]))
             protocols.add(run.data.tags.get("eval/protocol", "?"))
             fired = run_diagnosis(mlflow_client, record.run_id)  # reads alarm/overfit's history too
             alarms += "overfit" in fired
             if fired:
-                diagnostics.append(f"seed {record.seed}: {describe_diagnosis(fired)}")
+                seed_diagnostics.append((record.seed, describe_diagnosis(fired)))
             if progress_names:
-                progress.append(f"seed {record.seed}: {progress_note(mlflow_client, record.run_id, progress_names)}")
+                progress.append((record.seed, progress_note(mlflow_client, record.run_id, progress_names)))
         trials, search_s = search_compute(search.search_dir) if search else (0, 0.0)
         row: dict[str, Any] = {
             "defense": entry.label, "method": entry.defense, "tuned": entry.tune,
@@ -202,6 +225,8 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
             row[f"{key}_mean"], row[f"{key}_ci_low"], row[f"{key}_ci_high"] = accuracy_with_interval(reports, key)
             row[f"{key}_std"] = _mean_spread([r[name] for r in reports if r.get(name) is not None])[1]
         row["val_pgd_mean"] = _mean_spread(validation)[0]
+        if seed_diagnostics:
+            diagnostics.append(by_seed(seed_diagnostics))
         chosen_on = (summary.get("best") or {}).get("metrics", {}).get("val_pgd_acc")
         next_best = search.next_best if search else None
         if next_best:
@@ -218,11 +243,11 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
         row["total_s"] = search_s + sum(train_s) + (next_best["unused_train_s"] if next_best else 0.0)
         row["overfit_alarms"] = alarms
         row["warnings"] = len(warnings)
-        row["warning_text"] = " | ".join(warnings)
+        row["warning_text"] = by_seed(warnings)
         row["no_winner"] = no_winner  # why a tuned entry's search named no best trial (then it has no runs)
         row["varies"] = varies  # what can make a rerun of its search choose other knobs
         row["diagnostics"] = " | ".join(diagnostics) or None
-        row["progress"] = " | ".join(progress) or None
+        row["progress"] = by_seed(progress) or None
         row["protocol"] = ", ".join(sorted(protocols)) or None
         row["init_from"] = entry.init_from
         row["budget_of"] = entry.budget
@@ -344,14 +369,22 @@ def table_cells(r: dict[str, Any]) -> list[str]:
             f"{r['total_s']:.0f}", str(r["overfit_alarms"]), str(r["warnings"]), _diagnostic_labels(r)]
 
 
+NOTE_CHARACTERS = 600  # a note under the table is cut here (the CSV and Parquet keep it whole)
+
+
+def _clip(text: str) -> str:
+    """A note cut at a word boundary before NOTE_CHARACTERS, marked as cut."""
+    return text if len(text) <= NOTE_CHARACTERS else text[:NOTE_CHARACTERS].rsplit(" ", 1)[0] + " ..."
+
+
 def sections(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     """The notes under the table, titled: evaluation warnings, training diagnostics, progress (empty ones too)."""
-    return [("Evaluation warnings", [f"{r['defense']}: {r['warning_text'][:600]}" for r in rows if r["warning_text"]]),
+    return [("Evaluation warnings", [f"{r['defense']}: {_clip(r['warning_text'])}" for r in rows if r["warning_text"]]),
             ("Training diagnostics (collapsed: ended at chance accuracy; label_leak: training inputs give the label "
              "away; overfit: catastrophic-overfitting alarm; @ epochs)",
-             [f"{r['defense']}: {r['diagnostics'][:600]}" for r in rows if r["diagnostics"]]),
+             [f"{r['defense']}: {_clip(r['diagnostics'])}" for r in rows if r["diagnostics"]]),
             ("Progress (the defense's own metrics, first -> last epoch)",
-             [f"{r['defense']}: {r['progress'][:600]}" for r in rows if r["progress"]]),
+             [f"{r['defense']}: {_clip(r['progress'])}" for r in rows if r["progress"]]),
             ("What can differ when this study runs again on this machine (everything else is reproducible: same "
              "tuned knobs and, with these seeds, the same accuracies)",
              [f"{r['defense']}: {r['varies']}" for r in rows if r["varies"]])]
