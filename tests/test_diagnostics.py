@@ -359,6 +359,25 @@ def test_leaderboard_lists_diagnostics_and_progress_per_defense(tmp_path, mlflow
     assert "- learner: seed 0: policy_entropy 2.30 -> 1.41, policy_updates 20 -> 40" in text
 
 
+def test_a_failed_run_counts_in_its_defense_s_total_compute(tmp_path, mlflow_uri, test_defenses):
+    """A seed whose run failed is not in the accuracies, but what it trained (its report's or last checkpoint's
+    seconds) is in the defense's total compute."""
+    from robustune import leaderboard
+    from robustune.study_state import RunRecord, StudyState
+
+    study_dir = make_study(tmp_path, mlflow_uri)
+    state = StudyState.load(study_dir)
+    failed_dir = tmp_path / "runs" / "plain-2"
+    failed_dir.mkdir(parents=True)
+    (failed_dir / "report.json").write_text(json.dumps({"train_seconds": 25.0}))  # trained, then its evaluation failed
+    state.runs["plain|2"] = RunRecord("plain", "standard", 2, str(failed_dir), run_id=None, failed=True)
+    state.save()
+    rows, _ = leaderboard.collect_rows(study_dir)
+    plain = next(r for r in rows if r["defense"] == "plain")
+    assert plain["failed_runs"] == 1 and plain["seeds"] == 2
+    assert plain["total_s"] == pytest.approx(30.0 + 30.0 + 25.0)  # two finished runs' time/total_s, the failed one's
+
+
 def test_a_declared_progress_metric_that_was_never_logged_says_so(tmp_path, mlflow_uri, test_defenses):
     from mlflow import MlflowClient
 

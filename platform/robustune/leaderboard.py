@@ -170,6 +170,7 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
     from robustune import tracking
     from robustune.defense import defense_class
     from robustune.loop import describe_diagnosis
+    from robustune.run import train_seconds_spent
     from robustune.search import no_winner as search_no_winner, read_summary
 
     state = StudyState.load(study_dir)
@@ -182,7 +183,7 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
         train_s: list[float] = []
         reports: list[dict[str, Any]] = []
         validation: list[float] = []
-        alarms, failed, protocols = 0, 0, set()
+        alarms, failed, failed_train_s, protocols = 0, 0, 0.0, set()
         diagnostics: list[str] = []
         # (seed, text) notes, written with the seeds that share a text named once
         warnings, seed_diagnostics, progress = [], [], []
@@ -196,6 +197,7 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
         for record in sorted(records, key=lambda r: r.seed):
             if record.failed or record.run_id is None or record.evaluation is None:
                 failed += 1
+                failed_train_s += train_seconds_spent(record.run_dir) * workers  # spent all the same
                 continue
             run = mlflow_client.get_run(record.run_id)
             reports.append(record.evaluation)
@@ -240,7 +242,8 @@ def collect_rows(study_dir: Location) -> tuple[list[dict[str, Any]], StudyState]
         row["train_s"] = _mean_spread(train_s)[0]
         row["search_trials"], row["search_s"] = trials, search_s
         row["search_budget_s"] = search.budget_s if search else None
-        row["total_s"] = search_s + sum(train_s) + (next_best["unused_train_s"] if next_best else 0.0)
+        row["total_s"] = (search_s + sum(train_s) + failed_train_s
+                          + (next_best["unused_train_s"] if next_best else 0.0))
         row["overfit_alarms"] = alarms
         row["warnings"] = len(warnings)
         row["warning_text"] = by_seed(warnings)
@@ -548,8 +551,9 @@ def build(study_dir: str | Location, log: Callable[[str], None] = print,
              "their spread, not the test points, sets the width]. `all attacks`: correct under every attack that "
              "ran, per point (the deployed number). `val PGD`: validation PGD accuracy at the selected epoch, "
              "which the headline's baseline is chosen on.",
-             "Compute: worker-seconds inside training epochs (validation included). A defense warm-started from "
-             "another (init_from) includes that one's total. Searches ran on validation data only."]
+             "Compute: worker-seconds inside training epochs (validation included); a run that failed counts up to "
+             "its last checkpoint. A defense warm-started from another (init_from) includes that one's total. "
+             "Searches ran on validation data only."]
     folder = study_dir / FOLDER
     table = pa.table({key: [r[key] for r in rows] for key in rows[0]}) if rows else pa.table({})
     text = markdown(rows, f"Leaderboard: {study.name}", head, notes)
