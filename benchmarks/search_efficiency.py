@@ -171,7 +171,8 @@ def table(defense: str, grid: dict, others: list[dict], budget_s: float, remeasu
         return (f"{statistics.fmean(finished):.4f}" if finished else "-") + (f" ({failed} failed)" if failed else "")
 
     for row in [grid, *others]:
-        gap_text = "+0.0" if row is grid else (with_interval(gaps_again(row)) if gaps_again(row) else "-")
+        gaps = gaps_again(row) if again else []
+        gap_text = "+0.0" if row is grid else (with_interval(gaps) if gaps else "-")
         extra = f" {measured(row['remeasured'])} | {gap_text} |" if again else ""
         lines.append(f"| {row['searcher']} | {row['seed']} | {row['trials']} ({row['full_trials']}) "
                      f"| {row['compute_s']:.0f} | {share(row):.2f} | {row['wall_s']:.0f} | {row['best_val_pgd']:.4f} "

@@ -170,6 +170,12 @@ def test_search_efficiency_pairs_the_re_measured_gaps_by_seed_and_says_when_they
     random_mean = next(r for r in rows if r[0].startswith("**random"))
     assert random_mean[8:10] == ["-", "-"]
 
+    # `--remeasure-seeds` with no value: rows without `remeasured`, a table without the re-measure columns.
+    plain = [{key: value for key, value in r.items() if key != "remeasured"} for r in (grid, *others)]
+    rows = table_rows("\n".join(se.table("fgsm_rs", plain[0], plain[1:], 30.0, [])))
+    assert [r[0] for r in rows[:4]] == ["grid", "TPE + ASHA", "TPE + ASHA", "random"]
+    assert all(len(r) == 9 for r in rows) and rows[1][7] == "-2.0"  # the trial maxima's gap alone
+
 
 @pytest.mark.slow
 def test_search_efficiency_re_measures_every_winner_with_fresh_seeds(tmp_path):
